@@ -1,0 +1,118 @@
+"""Reads, each with its permission check built in (`access_…` raises NotFound)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chat.errors import NotFound
+from chat.models import Conversation, Message
+from chat.owners import Owner
+from chat.providers import ChatMessage
+from chat.tokens import estimate_tokens
+
+
+def access_conversation(*, owner: Owner, conversation_id: object) -> Conversation:
+    """Return the owner's conversation, or raise NotFound for any other id.
+
+    Someone else's conversation and one that does not exist look the same, so
+    ids cannot be probed.
+    """
+    if isinstance(conversation_id, bool) or not isinstance(conversation_id, int):
+        raise NotFound()
+    conversation = Conversation.objects.filter(
+        owner.conversation_filter(), pk=conversation_id
+    ).first()
+    if conversation is None:
+        raise NotFound()
+    return conversation
+
+
+def access_reply(*, owner: Owner, message_id: object) -> Message:
+    """Return the owner's assistant reply, or raise NotFound."""
+    if isinstance(message_id, bool) or not isinstance(message_id, int):
+        raise NotFound("That reply does not exist.")
+    reply = (
+        Message.objects.filter(
+            owner.conversation_filter("conversation__"),
+            pk=message_id,
+            role=Message.Role.ASSISTANT,
+        )
+        .select_related("conversation")
+        .first()
+    )
+    if reply is None:
+        raise NotFound("That reply does not exist.")
+    return reply
+
+
+def conversation_list(*, owner: Owner, limit: int = 100) -> list[dict[str, Any]]:
+    rows = (
+        Conversation.objects.filter(owner.conversation_filter())
+        .order_by("-updated_at")
+        .values("id", "title", "updated_at")[:limit]
+    )
+    return [
+        {
+            "id": r["id"],
+            "title": r["title"] or "New chat",
+            "updated_at": r["updated_at"].isoformat(),
+        }
+        for r in rows
+    ]
+
+
+def conversation_messages(*, owner: Owner, conversation_id: object) -> list[dict[str, Any]]:
+    conversation = access_conversation(owner=owner, conversation_id=conversation_id)
+    rows = conversation.messages.order_by("id").values(
+        "id",
+        "role",
+        "content",
+        "status",
+        "finish_reason",
+        "model",
+        "error_code",
+        "reply_to_id",
+        "created_at",
+    )
+    return [
+        {
+            "id": r["id"],
+            "role": r["role"],
+            "content": r["content"],
+            "status": r["status"],
+            "finish_reason": r["finish_reason"],
+            "model": r["model"],
+            "error_code": r["error_code"],
+            "reply_to": r["reply_to_id"],
+            "created_at": r["created_at"].isoformat(),
+        }
+        for r in rows
+    ]
+
+
+def history_for_model(
+    *, conversation_id: int, upto_message_id: int, budget_tokens: int, system_prompt: str = ""
+) -> list[ChatMessage]:
+    """Return the conversation up to a user message, newest kept, within a budget.
+
+    Failed or empty replies are left out: the model should not see its own
+    error placeholders. The newest user message is always kept.
+    """
+    rows = list(
+        Message.objects.filter(conversation_id=conversation_id, id__lte=upto_message_id)
+        .exclude(role=Message.Role.ASSISTANT, content="")
+        .order_by("-id")
+        .values_list("role", "content")[:200]
+    )
+    kept: list[ChatMessage] = []
+    used = estimate_tokens(system_prompt)
+    for role, content in rows:
+        cost = estimate_tokens(content)
+        if kept and used + cost > budget_tokens:
+            break
+        kept.append(ChatMessage(role="user" if role == "user" else "assistant", content=content))
+        used += cost
+    kept.reverse()
+    if system_prompt:
+        kept.insert(0, ChatMessage(role="system", content=system_prompt))
+    return kept

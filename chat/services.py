@@ -1,0 +1,172 @@
+"""Writes. Each function is one short transaction, safe to call from async code
+through `database_sync_to_async`, and never wraps a network call."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from chat.models import Conversation, Message
+from chat.owners import Owner
+from chat.selectors import access_conversation
+
+TITLE_WORDS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    conversation_id: int
+    user_message_id: int
+    reply_id: int
+    model: str
+    client_msg_id: str
+    conversation_created: bool
+    # True when this client_msg_id was seen before: nothing new was written.
+    duplicate: bool = False
+
+
+def message_accept(
+    *,
+    owner: Owner,
+    content: str,
+    client_msg_id: uuid.UUID,
+    conversation_id: int | None,
+    model: str,
+) -> Accepted:
+    """Store the user message and a pending reply, or find them if already stored.
+
+    A client that retries a send with the same `client_msg_id` gets the first
+    send's ids back and no second reply.
+    """
+    existing = _accepted_for(owner=owner, client_msg_id=client_msg_id)
+    if existing is not None:
+        return existing
+    try:
+        # The user message and its pending reply exist together or not at all.
+        with transaction.atomic():
+            created = conversation_id is None
+            if created:
+                conversation = Conversation.objects.create(
+                    user_id=owner.user_id,
+                    session_key="" if owner.user_id is not None else owner.session_key,
+                )
+            else:
+                conversation = access_conversation(owner=owner, conversation_id=conversation_id)
+                # Bumps updated_at so the list shows the active chat first.
+                conversation.save(update_fields=["updated_at"])
+            user_message = Message.objects.create(
+                conversation=conversation,
+                role=Message.Role.USER,
+                content=content,
+                owner_key=owner.key,
+                client_msg_id=client_msg_id,
+            )
+            reply = Message.objects.create(
+                conversation=conversation,
+                role=Message.Role.ASSISTANT,
+                status=Message.Status.PENDING,
+                reply_to=user_message,
+                model=model,
+            )
+            if created:
+                transaction.on_commit(lambda: _title_later(conversation.pk), robust=True)
+    except IntegrityError:
+        # Two sends with the same id raced; the other one won.
+        existing = _accepted_for(owner=owner, client_msg_id=client_msg_id)
+        if existing is None:
+            raise
+        return existing
+    return Accepted(
+        conversation_id=conversation.pk,
+        user_message_id=user_message.pk,
+        reply_id=reply.pk,
+        model=model,
+        client_msg_id=str(client_msg_id),
+        conversation_created=created,
+    )
+
+
+def _accepted_for(*, owner: Owner, client_msg_id: uuid.UUID) -> Accepted | None:
+    user_message = (
+        Message.objects.filter(owner_key=owner.key, client_msg_id=client_msg_id)
+        .only("id", "conversation_id")
+        .first()
+    )
+    if user_message is None:
+        return None
+    reply = user_message.replies.only("id", "model").order_by("id").first()
+    return Accepted(
+        conversation_id=user_message.conversation_id,
+        user_message_id=user_message.pk,
+        reply_id=reply.pk if reply else 0,
+        model=reply.model if reply else "",
+        client_msg_id=str(client_msg_id),
+        conversation_created=False,
+        duplicate=True,
+    )
+
+
+def _title_later(conversation_id: int) -> None:
+    from chat.tasks import conversation_title
+
+    conversation_title.delay(conversation_id)
+
+
+def reply_finish(
+    *,
+    reply_id: int,
+    content: str,
+    finish_reason: str,
+    model: str,
+    ttft_ms: int | None,
+    latency_ms: int,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    cost_usd: Decimal,
+    error_code: str = "",
+) -> bool:
+    """Finish a pending reply exactly once; return False if it was already finished.
+
+    The status guard makes a second finisher (a late cancel, the reaper) a
+    no-op instead of overwriting what the first one stored.
+    """
+    updated = Message.objects.filter(pk=reply_id, status=Message.Status.PENDING).update(
+        status=Message.Status.FINISHED,
+        content=content,
+        finish_reason=finish_reason,
+        model=model,
+        ttft_ms=ttft_ms,
+        latency_ms=latency_ms,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost_usd=cost_usd,
+        error_code=error_code,
+        finished_at=timezone.now(),
+    )
+    return updated == 1
+
+
+def conversation_title_generate(*, conversation_id: int) -> str | None:
+    """Title a conversation from its first user message, once.
+
+    Safe to run twice: a conversation that already has a title keeps it.
+    """
+    first = (
+        Message.objects.filter(conversation_id=conversation_id, role=Message.Role.USER)
+        .order_by("id")
+        .values_list("content", flat=True)
+        .first()
+    )
+    if first is None:
+        return None
+    words = first.split()
+    title = " ".join(words[:TITLE_WORDS])
+    if len(words) > TITLE_WORDS:
+        title += "…"
+    title = title[:200]
+    updated = Conversation.objects.filter(pk=conversation_id, title="").update(title=title)
+    return title if updated else None

@@ -1,0 +1,9 @@
+from celery import shared_task
+
+from chat import services
+
+
+@shared_task(ignore_result=True)
+def conversation_title(conversation_id: int) -> None:
+    """Title a new conversation off the request path (idempotent)."""
+    services.conversation_title_generate(conversation_id=conversation_id)

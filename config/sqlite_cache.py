@@ -1,0 +1,154 @@
+"""A Django cache on one SQLite file, shared by every process of the embedded mode.
+
+Django's own choices fall short here: LocMemCache is per process, and the file
+and database caches increment by read-then-write, so two processes counting
+the same rate-limit key lose updates. This backend keeps integers as SQLite
+integers and increments them with one UPDATE, which SQLite serialises.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cache (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    expires REAL
+)
+"""
+
+
+class SQLiteCache(BaseCache):
+    def __init__(self, location: str, params: dict[str, Any]) -> None:
+        super().__init__(params)
+        self._path = location
+        self._local = threading.local()
+
+    def _db(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, timeout=20, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(_SCHEMA)
+            self._local.conn = conn
+        return conn
+
+    @staticmethod
+    def _encode(value: Any) -> int | bytes:
+        # bool is an int subclass but must round-trip as bool.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def _decode(raw: int | bytes) -> Any:
+        if isinstance(raw, int):
+            return raw
+        return pickle.loads(raw)  # noqa: S301 - only this backend writes these rows
+
+    def _expiry(self, timeout: float | object | None) -> float | None:
+        seconds = self.get_backend_timeout(timeout)  # type: ignore[arg-type]  # DEFAULT_TIMEOUT sentinel is an object
+        return None if seconds is None else float(seconds)
+
+    def add(
+        self,
+        key: str,
+        value: Any,
+        timeout: float | object | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> bool:
+        key = self.make_and_validate_key(key, version=version)
+        db = self._db()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM cache WHERE key = ? AND expires <= ?", (key, now))
+            cur = db.execute(
+                "INSERT OR IGNORE INTO cache (key, value, expires) VALUES (?, ?, ?)",
+                (key, self._encode(value), self._expiry(timeout)),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return cur.rowcount == 1
+
+    def get(self, key: str, default: Any = None, version: int | None = None) -> Any:
+        key = self.make_and_validate_key(key, version=version)
+        row = (
+            self._db()
+            .execute(
+                "SELECT value FROM cache WHERE key = ? AND (expires IS NULL OR expires > ?)",
+                (key, time.time()),
+            )
+            .fetchone()
+        )
+        return default if row is None else self._decode(row[0])
+
+    def set(
+        self,
+        key: str,
+        value: Any,
+        timeout: float | object | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> None:
+        key = self.make_and_validate_key(key, version=version)
+        self._db().execute(
+            "INSERT OR REPLACE INTO cache (key, value, expires) VALUES (?, ?, ?)",
+            (key, self._encode(value), self._expiry(timeout)),
+        )
+
+    def touch(
+        self,
+        key: str,
+        timeout: float | object | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> bool:
+        key = self.make_and_validate_key(key, version=version)
+        cur = self._db().execute(
+            "UPDATE cache SET expires = ? WHERE key = ? AND (expires IS NULL OR expires > ?)",
+            (self._expiry(timeout), key, time.time()),
+        )
+        return cur.rowcount == 1
+
+    def delete(self, key: str, version: int | None = None) -> bool:
+        key = self.make_and_validate_key(key, version=version)
+        return self._db().execute("DELETE FROM cache WHERE key = ?", (key,)).rowcount == 1
+
+    def incr(self, key: str, delta: int = 1, version: int | None = None) -> int:
+        key = self.make_and_validate_key(key, version=version)
+        row = (
+            self._db()
+            .execute(
+                "UPDATE cache SET value = value + ? WHERE key = ? AND typeof(value) = 'integer'"
+                " AND (expires IS NULL OR expires > ?) RETURNING value",
+                (delta, key, time.time()),
+            )
+            .fetchone()
+        )
+        if row is None:
+            raise ValueError(f"Key '{key}' not found")
+        return int(row[0])
+
+    def decr(self, key: str, delta: int = 1, version: int | None = None) -> int:
+        return self.incr(key, -delta, version=version)
+
+    def has_key(self, key: str, version: int | None = None) -> bool:
+        sentinel = object()
+        return self.get(key, sentinel, version=version) is not sentinel
+
+    def clear(self) -> None:
+        self._db().execute("DELETE FROM cache")
+
+    def close(self, **kwargs: Any) -> None:
+        # Connections are per thread and reused; Django calls close() after
+        # every request, which must not throw them away.
+        return None

@@ -1,0 +1,160 @@
+"""SPEC "Data that is never lost": every reply is stored once, whatever happens."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from channels.db import database_sync_to_async
+
+from chat.models import Conversation, Message
+from chat.providers import ChatMessage, ProviderError, StreamEvent, StreamOptions
+from chat.services import reply_finish
+from chat.tasks import conversation_title
+from tests.chat.helpers import delta_text, recv, recv_until_done, send, send_frame
+from tests.conftest import session_cookie_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@database_sync_to_async
+def user_cookie(make_user) -> str:
+    return session_cookie_for(make_user("alice"))
+
+
+@database_sync_to_async
+def reload(pk: int) -> Message:
+    return Message.objects.get(pk=pk)
+
+
+@pytest.fixture
+def slow_demo(settings):
+    # A token every 200 ms: anything that takes the consumer longer than that
+    # to act on would show up as an extra delta.
+    settings.CHAT_DEMO_TPS = 5
+    settings.CHAT_DEMO_REPLY_TOKENS = 40
+
+
+async def test_stop_mid_stream_saves_exactly_the_text_sent(ws, make_user, slow_demo):
+    comm = await ws(await user_cookie(make_user))
+    await send(comm, send_frame("tell me a long story"))
+    accepted = await recv(comm)
+    received = [await recv(comm), await recv(comm)]
+    assert [f["type"] for f in received] == ["chat.delta", "chat.delta"]
+
+    await send(comm, {"type": "chat.stop", "message": accepted["message"]})
+    done = await recv(comm)
+    # The very next frame is the end: no token slipped out after Stop.
+    assert done["type"] == "chat.done" and done["finish_reason"] == "cancelled"
+    reply = await reload(accepted["message"])
+    assert reply.status == "finished" and reply.finish_reason == "cancelled"
+    assert reply.content == delta_text(received)
+    assert reply.latency_ms is not None and reply.ttft_ms is not None
+
+
+async def test_disconnect_mid_stream_saves_exactly_the_text_sent(ws, make_user, slow_demo):
+    comm = await ws(await user_cookie(make_user))
+    await send(comm, send_frame("tell me a long story"))
+    accepted = await recv(comm)
+    received = [await recv(comm)]
+    await comm.disconnect()
+
+    reply = await reload(accepted["message"])
+    assert reply.status == "finished" and reply.finish_reason == "cancelled"
+    assert reply.content == delta_text(received)
+
+
+class BreaksMidStream:
+    name = "broken"
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    async def stream(
+        self, messages: list[ChatMessage], options: StreamOptions
+    ) -> AsyncIterator[StreamEvent]:
+        for token in ["One", " two", " three"]:
+            yield token
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "logged"),
+    [
+        (ProviderError("server", "upstream 502", status=502), "unavailable", "vendor failed"),
+        (ProviderError("timeout", "idle gap"), "timeout", "vendor failed"),
+        (RuntimeError("a bug of ours"), "internal", "unexpected failure"),
+    ],
+)
+async def test_failure_mid_stream_keeps_what_was_delivered_and_tells_the_user(
+    ws, make_user, monkeypatch, caplog, exc, code, logged
+):
+    monkeypatch.setattr("chat.pipeline.provider_for", lambda spec: BreaksMidStream(exc))
+    comm = await ws(await user_cookie(make_user))
+    frame = send_frame("this will break")
+    await send(comm, frame)
+    accepted = await recv(comm)
+    frames = await recv_until_done(comm)
+
+    errors = [f for f in frames if f["type"] == "chat.error"]
+    assert len(errors) == 1 and errors[0]["code"] == code
+    assert errors[0]["client_msg_id"] == frame["client_msg_id"]
+    assert "Traceback" not in errors[0]["message"] and "bug" not in errors[0]["message"]
+    assert frames[-1]["finish_reason"] == "error"
+    assert delta_text(frames) == "One two three"
+    reply = await reload(accepted["message"])
+    assert (reply.content, reply.finish_reason, reply.error_code) == (
+        "One two three",
+        "error",
+        code,
+    )
+    assert logged in caplog.text
+    # The user's text never reaches the logs.
+    assert "this will break" not in caplog.text
+    # The socket is still usable.
+    monkeypatch.undo()
+    await send(comm, send_frame("again"))
+    assert (await recv(comm))["type"] == "chat.accepted"
+    await recv_until_done(comm)
+
+
+async def test_a_reply_is_finished_exactly_once(ws, make_user):
+    comm = await ws(await user_cookie(make_user))
+    await send(comm, send_frame("hello"))
+    accepted = await recv(comm)
+    await recv_until_done(comm)
+    stored = await reload(accepted["message"])
+
+    late = await database_sync_to_async(reply_finish)(
+        reply_id=accepted["message"],
+        content="overwritten!",
+        finish_reason="error",
+        model="demo:demo",
+        ttft_ms=1,
+        latency_ms=1,
+        prompt_tokens=1,
+        completion_tokens=1,
+        cost_usd=stored.cost_usd,
+        error_code="internal",
+    )
+    assert late is False
+    again = await reload(accepted["message"])
+    assert (again.content, again.finish_reason) == (stored.content, "stop")
+
+
+def test_title_task_titles_a_conversation_once(make_user):
+    user = make_user("bob")
+    conversation = Conversation.objects.create(user=user)
+    Message.objects.create(
+        conversation=conversation,
+        role="user",
+        content="How do I roll back a bad deploy without losing data today?",
+    )
+    conversation_title.apply(args=[conversation.pk])
+    conversation.refresh_from_db()
+    assert conversation.title == "How do I roll back a bad deploy…"
+    conversation.title = "Renamed by the user"
+    conversation.save()
+    conversation_title.apply(args=[conversation.pk])
+    conversation.refresh_from_db()
+    assert conversation.title == "Renamed by the user"

@@ -1,0 +1,114 @@
+"""Suite-wide fixtures: who is talking, and the services the scaled pass needs.
+
+Outside CI a missing service skips the tests that need it, with the reason;
+under CI=true it fails the run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlparse
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from tests.asgi_ws import WebsocketCommunicator
+
+IN_CI = os.environ.get("CI") == "true"
+SCALED = os.environ.get("CHAT_TEST_SCALED") == "1"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or default_port), 2
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def _missing_services() -> list[str]:
+    missing = []
+    if SCALED:
+        if not _reachable(os.environ.get("DATABASE_URL", ""), 5432):
+            missing.append("PostgreSQL at DATABASE_URL")
+        if not _reachable(os.environ.get("REDIS_URL", ""), 6379):
+            missing.append("Redis at REDIS_URL")
+    return missing
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = _missing_services()
+    if missing:
+        reason = "the scaled pass needs " + " and ".join(missing)
+        if IN_CI:
+            raise pytest.UsageError(f"CI: {reason}; .ci/run should have started them")
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+    if not os.path.exists(CHROMIUM) or shutil.which("chromium") is None:
+        reason = f"browser tests need Debian's Chromium at {CHROMIUM} (apt-get install -y chromium)"
+        if IN_CI and any("browser" in item.keywords for item in items):
+            raise pytest.UsageError(f"CI: {reason}")
+        for item in items:
+            if "browser" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    """Each test starts with empty rate-limit counters and caches."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
+@pytest.fixture
+def make_user(db: None) -> Callable[..., object]:
+    def make(username: str = "alice", *, staff: bool = False) -> object:
+        users = get_user_model()
+        if staff:
+            return users.objects.create_superuser(username=username, password="pw-123456!")
+        return users.objects.create_user(username=username, password="pw-123456!")
+
+    return make
+
+
+def session_cookie_for(user: object | None) -> str:
+    """Return a Cookie header for a signed-in user, or for a new anonymous visitor."""
+    client = Client()
+    if user is None:
+        client.get("/")
+    else:
+        client.force_login(user)  # type: ignore[arg-type]
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
+@pytest.fixture
+async def ws() -> AsyncIterator[Callable[..., Awaitable[WebsocketCommunicator]]]:
+    """Open WebSocket connections to the real ASGI app; all are closed after the test."""
+    from config.asgi import application
+
+    opened: list[WebsocketCommunicator] = []
+
+    async def connect(
+        cookie: str | None = None, *, origin: str = "http://testserver"
+    ) -> WebsocketCommunicator:
+        headers = [(b"origin", origin.encode())] if origin else []
+        if cookie:
+            headers.append((b"cookie", cookie.encode()))
+        comm = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+        connected, _ = await comm.connect()
+        assert connected, "the WebSocket handshake was refused"
+        opened.append(comm)
+        return comm
+
+    yield connect
+    for comm in opened:
+        await comm.disconnect()
