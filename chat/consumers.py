@@ -31,6 +31,7 @@ _STORE_GRACE_SECONDS = 10
 
 class ChatConsumer(AsyncWebsocketConsumer):
     owner: Owner | None
+    client_ip: str
     replies: dict[int, asyncio.Task[None]]
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -44,6 +45,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         self.owner = self.scope.get("owner")
+        client = self.scope.get("client") or ("", 0)
+        self.client_ip = str(client[0])
         self.replies = {}
         await self.accept()
 
@@ -82,7 +85,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_send(self, request: pipeline.SendRequest) -> None:
         started_at = asyncio.get_running_loop().time()
-        accepted = await pipeline.chat_accept(owner=self.owner, request=request)
+        accepted = await pipeline.chat_accept(
+            owner=self.owner, request=request, client_ip=self.client_ip
+        )
         await self.send_json(pipeline.accepted_frame(accepted))
         if accepted.duplicate:
             return

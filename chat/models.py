@@ -81,6 +81,27 @@ class Message(models.Model):
         max_digits=12, decimal_places=8, default=Decimal("0"), blank=True
     )
     error_code = models.CharField(max_length=32, blank=True, default="")
+    # True when the vendor did not report usage and the tokens were estimated.
+    usage_estimated = models.BooleanField(default=False)
+    # True when the reply was served from the response cache.
+    cached = models.BooleanField(default=False)
+    # The model/prompt version that produced this reply.
+    version = models.ForeignKey(
+        "feedback.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="replies",
+    )
+    # How the reply was obtained: one entry per attempt, e.g.
+    # [{"model": "openai:gpt-4o", "outcome": "rate_limited"}, {"model": ..., "outcome": "ok"}].
+    call_path = models.JSONField(default=list, blank=True)
+    # For a user message: the prompt-injection heuristics' score and signals.
+    injection_score = models.FloatField(null=True, blank=True)
+    injection_signals = models.JSONField(default=list, blank=True)
+    # The moderation verdict that flagged this message, if any:
+    # {"stage": "input"|"output", "category": "...", "score": 0.93}.
+    moderation = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -102,3 +123,54 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role} #{self.pk}"
+
+
+class Price(models.Model):
+    """What a model costs, from a date on; old replies keep the price they were charged."""
+
+    model = models.CharField(max_length=120, help_text="provider:model, e.g. openai:gpt-4o-mini")
+    input_per_mtok = models.DecimalField(
+        "input USD per million tokens", max_digits=12, decimal_places=6
+    )
+    output_per_mtok = models.DecimalField(
+        "output USD per million tokens", max_digits=12, decimal_places=6
+    )
+    cached_input_per_mtok = models.DecimalField(
+        "cached input USD per million tokens",
+        max_digits=12,
+        decimal_places=6,
+        null=True,
+        blank=True,
+    )
+    effective_from = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["model", "-effective_from"], name="price_lookup")]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "effective_from"], name="price_once_per_date")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} from {self.effective_from:%Y-%m-%d}"
+
+
+class AbuseBlock(models.Model):
+    """A temporary block on a user or an IP after repeated violations."""
+
+    # "u:<user id>", "s:<session key>" or "ip:<address>".
+    subject = models.CharField(max_length=120, db_index=True)
+    reason = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True)
+    lifted_at = models.DateTimeField(null=True, blank=True)
+    lifted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+
+    def __str__(self) -> str:
+        return f"block on {self.subject} until {self.expires_at:%Y-%m-%d %H:%M}"

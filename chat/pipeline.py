@@ -1,9 +1,12 @@
 """The path a chat message takes, top to bottom, in one place.
 
-    chat_accept:  check the input → check the limits → store the user message
-                  and a pending reply (before any model is called)
-    reply_run:    build the history → call the model → stream deltas to the
-                  socket → store the reply exactly once → count it
+    chat_accept:  check the input → check limits and blocks → moderate the input
+                  → store the user message and a pending reply (before any
+                  model is called)
+    reply_run:    build the history → call the model (timeouts, retries,
+                  fallbacks, queueing) → moderate each window of output →
+                  stream deltas to the socket → store the reply exactly once →
+                  settle the budget → count it
 
 The consumer calls these two and owns nothing but the socket.
 """
@@ -20,13 +23,20 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.utils import timezone
 
 from chat import selectors, services
-from chat.errors import ChatError, Forbidden, Internal, InvalidInput, Timeout, Unavailable
+from chat.callpath import CallOutcome, call_model
+from chat.errors import BlockedInput, ChatError, Forbidden, Internal, InvalidInput
 from chat.owners import Owner
-from chat.providers import ProviderError, StreamOptions, Usage, provider_for
+from chat.pricing import reply_cost
+from chat.safety import injection_score, limits, moderation
+from chat.safety.errors import InvalidInput as TextRefused
+from chat.safety.input import check_user_text
 from chat.services import Accepted
 from chat.streaming import DeltaSender, Emit
+from feedback.versions import version_for
+from monitoring import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -40,32 +50,43 @@ class SendRequest:
 
 def check_message_text(text: object) -> str:
     """Return the user's text ready to store, or raise InvalidInput."""
-    if not isinstance(text, str):
-        raise InvalidInput("The message must be text.")
-    if not text.strip():
-        raise InvalidInput("Your message is empty. Type something and send it again.")
-    limit = settings.CHAT_MAX_INPUT_CHARS
-    if len(text) > limit:
-        raise InvalidInput(
-            f"Your message is {len(text):,} characters long; the limit is {limit:,}. "
-            "Shorten it and send it again."
-        )
-    return text
+    try:
+        return check_user_text(text, max_chars=settings.CHAT_MAX_INPUT_CHARS)
+    except TextRefused as exc:
+        raise InvalidInput(exc.user_message) from None
 
 
-async def chat_accept(*, owner: Owner | None, request: SendRequest) -> Accepted:
+async def chat_accept(*, owner: Owner | None, request: SendRequest, client_ip: str) -> Accepted:
     if owner is None:
         raise Forbidden("Your session has expired. Reload the page to keep chatting.")
     if owner.is_anonymous and not settings.CHAT_ALLOW_ANONYMOUS:
         raise Forbidden("Please sign in to chat.")
     content = check_message_text(request.content)
-    return await database_sync_to_async(services.message_accept)(
+    reservation = await database_sync_to_async(limits.check_send_limits)(
+        owner=owner, client_ip=client_ip
+    )
+    injection = injection_score(content)
+    verdict = await moderation.moderate_input(content)
+    if verdict is not None or (
+        settings.CHAT_BLOCK_INJECTION_SCORE is not None
+        and injection.score >= settings.CHAT_BLOCK_INJECTION_SCORE
+    ):
+        if verdict is not None:
+            metrics.moderation_blocked(verdict.stage, verdict.category)
+        await database_sync_to_async(limits.record_violation)(
+            owner=owner, client_ip=client_ip, kind="blocked_input"
+        )
+        raise BlockedInput()
+    accepted = await database_sync_to_async(services.message_accept)(
         owner=owner,
         content=content,
         client_msg_id=request.client_msg_id,
         conversation_id=request.conversation_id,
-        model=settings.CHAT_MODEL,
+        version_for=version_for,
+        injection_score=injection.score,
+        injection_signals=list(injection.signals),
     )
+    return accepted if accepted.duplicate else accepted.with_reservation(reservation)
 
 
 def accepted_frame(accepted: Accepted) -> dict[str, Any]:
@@ -86,6 +107,15 @@ class ClientGone(Exception):
     """The socket went away while a frame was being sent."""
 
 
+@dataclass(slots=True)
+class _Result:
+    finish_reason: str = "error"
+    error: ChatError | None = None
+    outcome: CallOutcome | None = None
+    verdict: moderation.Verdict | None = None
+    cancelled: bool = False
+
+
 async def reply_run(*, accepted: Accepted, emit: Emit, started_at: float) -> None:
     """Generate, stream and store one reply; never raises except CancelledError.
 
@@ -93,7 +123,6 @@ async def reply_run(*, accepted: Accepted, emit: Emit, started_at: float) -> Non
     and stores exactly the text that was sent, with finish reason `cancelled`.
     """
     loop = asyncio.get_running_loop()
-    model = accepted.model
 
     async def guarded_emit(frame: dict[str, Any]) -> None:
         try:
@@ -101,100 +130,117 @@ async def reply_run(*, accepted: Accepted, emit: Emit, started_at: float) -> Non
         except Exception as exc:
             raise ClientGone() from exc
 
+    async def on_queued(position: int) -> None:
+        await guarded_emit(
+            {"type": "chat.queued", "message": accepted.reply_id, "position": position}
+        )
+
     sender = DeltaSender(
         emit=guarded_emit,
         message_id=accepted.reply_id,
         window=settings.CHAT_COALESCE_MS / 1000,
         max_chars=settings.CHAT_COALESCE_MAX_CHARS,
     )
-    usage: Usage | None = None
-    finish_reason = "error"
-    error: ChatError | None = None
-    cancelled = False
+    gate = moderation.OutputGate()
+    result = _Result()
+    metrics.stream_started()
     try:
         history = await database_sync_to_async(selectors.history_for_model)(
             conversation_id=accepted.conversation_id,
             upto_message_id=accepted.user_message_id,
             budget_tokens=settings.CHAT_CONTEXT_TOKENS,
-            system_prompt=settings.CHAT_SYSTEM_PROMPT,
+            system_prompt=accepted.plan_system_prompt,
         )
-        provider = provider_for(model)
-        stream = provider.stream(history, StreamOptions(model=model))
-        try:
+        stream = call_model(
+            accepted.plan, history, owner_key=accepted.owner_key, on_queued=on_queued
+        )
+        async with contextlib.aclosing(stream):  # closes the vendor's stream at once
             async for event in stream:
-                if isinstance(event, Usage):
-                    usage = event
-                else:
-                    await sender.push(event)
-        finally:
-            # Closing the generator closes the vendor's HTTP stream now, not at GC.
-            await stream.aclose()  # type: ignore[attr-defined]
+                if isinstance(event, CallOutcome):
+                    result.outcome = event
+                    continue
+                for safe in await gate.feed(event):
+                    await sender.push(safe)
+        for safe in await gate.finish():
+            await sender.push(safe)
         await sender.close(deliver=True)
-        finish_reason = usage.finish_reason if usage else "stop"
+        usage = result.outcome.usage if result.outcome else None
+        result.finish_reason = usage.finish_reason if usage else "stop"
     except asyncio.CancelledError:
-        cancelled = True
-        finish_reason = "cancelled"
+        result.cancelled = True
+        result.finish_reason = "cancelled"
     except ClientGone:
-        finish_reason = "cancelled"
-    except ProviderError as exc:
-        error = Timeout() if exc.kind == "timeout" else Unavailable()
-        logger.warning("reply %s: vendor failed (%s)", accepted.reply_id, exc.kind)
+        result.finish_reason = "cancelled"
+    except moderation.Moderated as flagged:
+        result.finish_reason = "moderated"
+        result.verdict = flagged.verdict
+        metrics.moderation_blocked(flagged.verdict.stage, flagged.verdict.category)
+    except ChatError as exc:
+        result.error = exc
+        logger.warning("reply %s failed: %s", accepted.reply_id, exc.code)
     except Exception:
-        error = Internal()
+        result.error = Internal()
         logger.exception("reply %s: unexpected failure", accepted.reply_id)
     finally:
-        # Text the model already produced still reaches the user on a failure;
-        # on a cancel the user asked for no more.
+        metrics.stream_ended()
+        # Text the model already produced and moderation passed still reaches
+        # the user on a failure; on a cancel or a flag, nothing more is sent.
         with contextlib.suppress(ClientGone):
-            await sender.close(deliver=not cancelled and finish_reason != "cancelled")
+            await sender.close(deliver=result.finish_reason == "error")
 
-    now = loop.time()
+    done = await _store(accepted, result, sender, started_at=started_at, now=loop.time())
+    with contextlib.suppress(Exception):
+        if result.error is not None:
+            await emit(result.error.frame(client_msg_id=accepted.client_msg_id))
+        await emit(done)
+    if result.cancelled:
+        raise asyncio.CancelledError()
+
+
+async def _store(
+    accepted: Accepted, result: _Result, sender: DeltaSender, *, started_at: float, now: float
+) -> dict[str, Any]:
+    """Finish the reply row, settle the budget, count it; return the done frame."""
+    outcome = result.outcome
+    usage = outcome.usage if outcome else None
+    model = outcome.model if outcome else accepted.model
     ttft_ms = (
         None if sender.first_sent_at is None else round((sender.first_sent_at - started_at) * 1000)
     )
     latency_ms = round((now - started_at) * 1000)
-    cost = Decimal("0")
-    text = sender.text
-    finish = services.reply_finish
-    # The store must happen even while this task is being cancelled.
-    await asyncio.shield(
-        database_sync_to_async(finish)(
-            reply_id=accepted.reply_id,
-            content=text,
-            finish_reason=finish_reason,
-            model=model,
-            ttft_ms=ttft_ms,
-            latency_ms=latency_ms,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-            cost_usd=cost,
-            error_code=error.code if error else "",
-        )
+    cost = reply_cost(model=model, usage=usage, at=timezone.now()) if usage else Decimal("0")
+    finish_kwargs: dict[str, Any] = {
+        "reply_id": accepted.reply_id,
+        "content": sender.text,
+        "finish_reason": result.finish_reason,
+        "model": model,
+        "ttft_ms": ttft_ms,
+        "latency_ms": latency_ms,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "usage_estimated": bool(usage and usage.estimated),
+        "cost_usd": cost,
+        "error_code": result.error.code if result.error else "",
+        "call_path": outcome.path if outcome else [],
+        "moderation": result.verdict.as_json() if result.verdict else None,
+    }
+    # The store must happen even while this task is being cancelled again.
+    await asyncio.shield(database_sync_to_async(_finish_and_settle)(accepted, finish_kwargs))
+    metrics.reply_observed(
+        model=model,
+        outcome=result.finish_reason,
+        ttft_s=None if ttft_ms is None else ttft_ms / 1000,
+        duration_s=latency_ms / 1000,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        cost_usd=float(cost),
+        error_code=result.error.code if result.error else "",
     )
-    if cancelled:
-        # Tell the client what was kept, then let the cancellation proceed.
-        with contextlib.suppress(Exception):
-            await emit(done_frame(accepted, finish_reason, usage, ttft_ms, latency_ms, cost))
-        raise asyncio.CancelledError()
-    with contextlib.suppress(Exception):
-        if error is not None:
-            await emit(error.frame(client_msg_id=accepted.client_msg_id))
-        await emit(done_frame(accepted, finish_reason, usage, ttft_ms, latency_ms, cost))
-
-
-def done_frame(
-    accepted: Accepted,
-    finish_reason: str,
-    usage: Usage | None,
-    ttft_ms: int | None,
-    latency_ms: int,
-    cost: Decimal,
-) -> dict[str, Any]:
     return {
         "type": "chat.done",
         "message": accepted.reply_id,
-        "finish_reason": finish_reason,
-        "model": accepted.model,
+        "finish_reason": result.finish_reason,
+        "model": model,
         "cached": False,
         "usage": {
             "prompt_tokens": usage.prompt_tokens if usage else 0,
@@ -204,3 +250,14 @@ def done_frame(
         "ttft_ms": ttft_ms,
         "latency_ms": latency_ms,
     }
+
+
+def _finish_and_settle(accepted: Accepted, finish_kwargs: dict[str, Any]) -> None:
+    services.reply_finish(**finish_kwargs)
+    if accepted.reservation is not None:
+        limits.budget_settle(
+            reservation=accepted.reservation,
+            cost_usd=finish_kwargs["cost_usd"],
+            tokens=(finish_kwargs["prompt_tokens"] or 0)
+            + (finish_kwargs["completion_tokens"] or 0),
+        )

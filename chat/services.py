@@ -3,16 +3,24 @@ through `database_sync_to_async`, and never wraps a network call."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from chat.callpath import ModelPlan
 from chat.models import Conversation, Message
 from chat.owners import Owner
 from chat.selectors import access_conversation
+
+if TYPE_CHECKING:
+    from chat.safety.limits import Reservation
+    from feedback.versions import ActiveVersion
 
 TITLE_WORDS = 8
 
@@ -25,8 +33,16 @@ class Accepted:
     model: str
     client_msg_id: str
     conversation_created: bool
+    owner_key: str
+    plan: ModelPlan
+    plan_system_prompt: str = ""
+    version_id: int | None = None
     # True when this client_msg_id was seen before: nothing new was written.
     duplicate: bool = False
+    reservation: Reservation | None = None
+
+    def with_reservation(self, reservation: Reservation) -> Accepted:
+        return dataclasses.replace(self, reservation=reservation)
 
 
 def message_accept(
@@ -35,7 +51,9 @@ def message_accept(
     content: str,
     client_msg_id: uuid.UUID,
     conversation_id: int | None,
-    model: str,
+    version_for: Callable[..., ActiveVersion],
+    injection_score: float | None = None,
+    injection_signals: list[str] | None = None,
 ) -> Accepted:
     """Store the user message and a pending reply, or find them if already stored.
 
@@ -64,13 +82,17 @@ def message_accept(
                 content=content,
                 owner_key=owner.key,
                 client_msg_id=client_msg_id,
+                injection_score=injection_score,
+                injection_signals=injection_signals or [],
             )
+            version = version_for(conversation_id=conversation.pk)
             reply = Message.objects.create(
                 conversation=conversation,
                 role=Message.Role.ASSISTANT,
                 status=Message.Status.PENDING,
                 reply_to=user_message,
-                model=model,
+                model=version.model,
+                version_id=version.version_id,
             )
             if created:
                 transaction.on_commit(lambda: _title_later(conversation.pk), robust=True)
@@ -84,9 +106,18 @@ def message_accept(
         conversation_id=conversation.pk,
         user_message_id=user_message.pk,
         reply_id=reply.pk,
-        model=model,
+        model=version.model,
         client_msg_id=str(client_msg_id),
         conversation_created=created,
+        owner_key=owner.key,
+        plan=ModelPlan(
+            model=version.model,
+            fallbacks=version.fallbacks,
+            temperature=version.temperature,
+            max_tokens=version.max_tokens,
+        ),
+        plan_system_prompt=version.system_prompt,
+        version_id=version.version_id,
     )
 
 
@@ -99,13 +130,16 @@ def _accepted_for(*, owner: Owner, client_msg_id: uuid.UUID) -> Accepted | None:
     if user_message is None:
         return None
     reply = user_message.replies.only("id", "model").order_by("id").first()
+    model = reply.model if reply else ""
     return Accepted(
         conversation_id=user_message.conversation_id,
         user_message_id=user_message.pk,
         reply_id=reply.pk if reply else 0,
-        model=reply.model if reply else "",
+        model=model,
         client_msg_id=str(client_msg_id),
         conversation_created=False,
+        owner_key=owner.key,
+        plan=ModelPlan(model=model),
         duplicate=True,
     )
 
@@ -128,6 +162,10 @@ def reply_finish(
     completion_tokens: int | None,
     cost_usd: Decimal,
     error_code: str = "",
+    usage_estimated: bool = False,
+    call_path: list[dict[str, Any]] | None = None,
+    moderation: dict[str, Any] | None = None,
+    cached: bool = False,
 ) -> bool:
     """Finish a pending reply exactly once; return False if it was already finished.
 
@@ -145,6 +183,10 @@ def reply_finish(
         completion_tokens=completion_tokens,
         cost_usd=cost_usd,
         error_code=error_code,
+        usage_estimated=usage_estimated,
+        call_path=call_path or [],
+        moderation=moderation,
+        cached=cached,
         finished_at=timezone.now(),
     )
     return updated == 1

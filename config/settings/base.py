@@ -223,3 +223,6 @@ LOGGING = {
 # (docs/decisions/0002-delta-coalescing.md).
 CHAT_COALESCE_MS = env.int("CHAT_COALESCE_MS", default=25)
 CHAT_COALESCE_MAX_CHARS = env.int("CHAT_COALESCE_MAX_CHARS", default=4096)
+# Prompt-injection heuristics score every user message (stored, counted,
+# shown to staff); messages scoring at least this are refused. Empty = never.
+CHAT_BLOCK_INJECTION_SCORE = env.float("CHAT_BLOCK_INJECTION_SCORE", default=None)

@@ -81,15 +81,15 @@ class BreaksMidStream:
 @pytest.mark.parametrize(
     ("exc", "code", "logged"),
     [
-        (ProviderError("server", "upstream 502", status=502), "unavailable", "vendor failed"),
-        (ProviderError("timeout", "idle gap"), "timeout", "vendor failed"),
+        (ProviderError("server", "upstream 502", status=502), "unavailable", "failed: unavailable"),
+        (ProviderError("timeout", "idle gap"), "timeout", "failed: timeout"),
         (RuntimeError("a bug of ours"), "internal", "unexpected failure"),
     ],
 )
 async def test_failure_mid_stream_keeps_what_was_delivered_and_tells_the_user(
     ws, make_user, monkeypatch, caplog, exc, code, logged
 ):
-    monkeypatch.setattr("chat.pipeline.provider_for", lambda spec: BreaksMidStream(exc))
+    monkeypatch.setattr("chat.callpath.provider_for", lambda spec: BreaksMidStream(exc))
     comm = await ws(await user_cookie(make_user))
     frame = send_frame("this will break")
     await send(comm, frame)

@@ -101,7 +101,7 @@ async def test_duplicate_client_msg_id_is_answered_once(ws, make_user):
         (json.dumps({"content": "no type"}), "Unknown frame type"),
         (json.dumps({"type": "chat.send", "content": "hi"}), "client_msg_id"),
         (json.dumps({"type": "chat.send", "content": "hi", "client_msg_id": "nope"}), "UUID"),
-        (json.dumps(send_frame("   \n\t ")), "empty"),
+        (json.dumps(send_frame("   \n\t ")), "only spaces"),
         (json.dumps(send_frame(None)), "must be text"),
         (json.dumps(send_frame(["a"])), "must be text"),
         (json.dumps(send_frame("hi", conversation="12")), "whole number"),
