@@ -3,14 +3,13 @@
 Each reply is generated in its own task so `chat.stop` and a disconnect are
 heard at once; deltas go from that task straight to this socket, never
 through the channel layer (NOTES.md: that costs 6-40x CPU per token and drops
-messages past capacity).
+messages past capacity). Replies resumed from elsewhere arrive through the
+replay hub into this socket's outbox, drained by one pump task.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import json
 import logging
 from typing import Any
@@ -20,8 +19,10 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import pipeline, protocol, selectors
-from chat.errors import ChatError, Internal, InvalidInput
+from chat.errors import ChatError, Internal, InvalidInput, NotFound
+from chat.models import Message
 from chat.owners import Owner
+from chat.replay import hub
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +49,38 @@ class ChatConsumer(AsyncWebsocketConsumer):
         client = self.scope.get("client") or ("", 0)
         self.client_ip = str(client[0])
         self.replies = {}
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._pump: asyncio.Task[None] | None = None
+        self._followers: set[asyncio.Task[bool]] = set()
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
-        tasks = list(self.replies.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=_STORE_GRACE_SECONDS)
+        hub.detach(self._deliver)
+        for follower in self._followers:
+            follower.cancel()
+        if self._pump is not None:
+            self._pump.cancel()
+        if settings.CHAT_CANCEL_ON_DISCONNECT:
+            tasks = list(self.replies.values())
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=_STORE_GRACE_SECONDS)
+        # Otherwise the replies run on: they are saved, and can be resumed.
 
     async def send_json(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame, ensure_ascii=False))
+
+    def _deliver(self, frame: dict[str, Any]) -> None:
+        """Queue a frame from the replay hub; called without awaiting, in order."""
+        self._outbox.put_nowait(frame)
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._drain_outbox())
+
+    async def _drain_outbox(self) -> None:
+        while True:
+            frame = await self._outbox.get()
+            await self.send_json(frame)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         client_msg_id: str | None = None
@@ -74,13 +96,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.on_stop(protocol.parse_stop(frame))
             elif kind == "chat.resume":
                 await self.on_resume(protocol.parse_resume(frame))
+            elif kind == "feedback":
+                await self.on_feedback(frame)
             else:
                 shown = kind if isinstance(kind, str) and len(kind) <= 40 else "that"
                 raise InvalidInput(f"Unknown frame type {shown!r}.")
         except ChatError as exc:
             await self.send_json(exc.frame(client_msg_id=client_msg_id))
-        except Exception:
+        except Exception as exc:
             logger.exception("chat frame failed")
+            _report(exc)
             await self.send_json(Internal().frame(client_msg_id=client_msg_id))
 
     async def on_send(self, request: pipeline.SendRequest) -> None:
@@ -91,58 +116,100 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.send_json(pipeline.accepted_frame(accepted))
         if accepted.duplicate:
             return
+        buffer = hub.open(reply_id=accepted.reply_id, owner_key=accepted.owner_key, task=None)
         task = asyncio.create_task(
-            pipeline.reply_run(accepted=accepted, emit=self.send_json, started_at=started_at)
+            pipeline.reply_run(
+                accepted=accepted, emit=self.send_json, started_at=started_at, buffer=buffer
+            )
         )
+        buffer.task = task
         self.replies[accepted.reply_id] = task
-        task.add_done_callback(functools.partial(self._forget_reply, accepted.reply_id))
-
-    def _forget_reply(self, reply_id: int, _task: asyncio.Task[None]) -> None:
-        self.replies.pop(reply_id, None)
+        task.add_done_callback(lambda _t: self.replies.pop(accepted.reply_id, None))
 
     async def on_stop(self, request: protocol.StopRequest) -> None:
-        task = self.replies.get(request.message_id)
-        if task is not None:
-            # Our own running reply: no need to ask the database who owns it.
+        owner = self._owner_or_raise()
+        task = hub.running_task(request.message_id)
+        buffer_owner = hub.owner_of(request.message_id)
+        if task is not None and buffer_owner == owner.key:
+            # Running in this process: no need to ask the database who owns it.
             task.cancel()
             return
-        # Not running here: it must still be the caller's, or it does not exist.
-        await database_sync_to_async(selectors.access_reply)(
-            owner=self._owner_or_raise(), message_id=request.message_id
+        reply = await database_sync_to_async(selectors.access_reply)(
+            owner=owner, message_id=request.message_id
         )
+        if reply.status == Message.Status.PENDING:
+            await hub.request_stop(reply.pk)
 
     async def on_resume(self, request: protocol.ResumeRequest) -> None:
-        reply = await database_sync_to_async(selectors.access_reply)(
-            owner=self._owner_or_raise(), message_id=request.message_id
-        )
-        if reply.status == reply.Status.PENDING:
-            # Running on this socket already: the client will get the rest live.
+        owner = self._owner_or_raise()
+        if hub.owner_of(request.message_id) == owner.key:
+            hub.attach(reply_id=request.message_id, after=request.after, listener=self._deliver)
             return
-        if request.after == 0 and reply.content:
-            await self.send_json(
-                {"type": "chat.delta", "message": reply.pk, "seq": 1, "text": reply.content}
-            )
-        with contextlib.suppress(Exception):
-            await self.send_json(
-                {
-                    "type": "chat.done",
-                    "message": reply.pk,
-                    "finish_reason": reply.finish_reason,
-                    "model": reply.model,
-                    "cached": False,
-                    "usage": {
-                        "prompt_tokens": reply.prompt_tokens or 0,
-                        "completion_tokens": reply.completion_tokens or 0,
-                    },
-                    "cost_usd": float(reply.cost_usd),
-                    "ttft_ms": reply.ttft_ms,
-                    "latency_ms": reply.latency_ms,
-                }
-            )
+        reply = await database_sync_to_async(selectors.access_reply)(
+            owner=owner, message_id=request.message_id
+        )
+        if hub.attach(reply_id=reply.pk, after=request.after, listener=self._deliver):
+            return
+        follower = asyncio.create_task(self._follow_or_replay_stored(reply, request.after))
+        self._followers.add(follower)
+        follower.add_done_callback(self._followers.discard)
+
+    async def _follow_or_replay_stored(self, reply: Message, after: int) -> bool:
+        try:
+            if await hub.follow_remote(reply_id=reply.pk, after=after, listener=self._deliver):
+                return True
+        except Exception:
+            logger.warning("resume from Redis failed for reply %s", reply.pk, exc_info=True)
+        fresh = await database_sync_to_async(Message.objects.get)(pk=reply.pk)
+        if fresh.status == Message.Status.PENDING:
+            # Its process is gone and its stream expired; the reaper will
+            # finish it. Tell the client rather than leave it waiting.
+            self._deliver(NotFound("That reply was interrupted and is being recovered.").frame())
+            return False
+        self._deliver(stored_replay(fresh, after))
+        self._deliver(selectors.done_frame_for(fresh))
+        return True
+
+    async def on_feedback(self, frame: dict[str, Any]) -> None:
+        from feedback.services import feedback_submit
+
+        saved = await database_sync_to_async(feedback_submit)(
+            owner=self._owner_or_raise(),
+            message_id=frame.get("message"),
+            rating=frame.get("rating"),
+            reasons=frame.get("reasons", []),
+            comment=frame.get("comment", ""),
+        )
+        await self.send_json(
+            {"type": "feedback.saved", "message": saved.message_id, "rating": saved.rating}
+        )
 
     def _owner_or_raise(self) -> Owner:
-        from chat.errors import NotFound
-
         if self.owner is None:
             raise NotFound()
         return self.owner
+
+
+def stored_replay(reply: Message, after: int) -> dict[str, Any]:
+    """Return the stored text as one delta, for a reply whose stream has expired.
+
+    Frame boundaries are not kept in the database, so a client that already
+    had part of it (after > 0) gets the whole text under `replace: true`.
+    """
+    frame: dict[str, Any] = {
+        "type": "chat.delta",
+        "message": reply.pk,
+        "seq": after + 1,
+        "text": reply.content,
+    }
+    if after > 0:
+        frame["replace"] = True
+    return frame
+
+
+def _report(exc: BaseException) -> None:
+    try:
+        from monitoring.sentry import capture_exception
+    except ImportError:
+        return
+    capture_exception(exc)

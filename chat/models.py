@@ -102,6 +102,9 @@ class Message(models.Model):
     # The moderation verdict that flagged this message, if any:
     # {"stage": "input"|"output", "category": "...", "score": 0.93}.
     moderation = models.JSONField(null=True, blank=True)
+    # Set when the user regenerated this reply or edited an earlier message:
+    # the row stays (with its feedback) but leaves the visible history.
+    superseded_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -25,11 +26,13 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from chat import selectors, services
+from chat import response_cache, selectors, services
 from chat.callpath import CallOutcome, call_model
 from chat.errors import BlockedInput, ChatError, Forbidden, Internal, InvalidInput
 from chat.owners import Owner
 from chat.pricing import reply_cost
+from chat.providers import ChatMessage, Usage
+from chat.replay import ReplyBuffer, hub
 from chat.safety import injection_score, limits, moderation
 from chat.safety.errors import InvalidInput as TextRefused
 from chat.safety.input import check_user_text
@@ -46,6 +49,10 @@ class SendRequest:
     content: object
     client_msg_id: uuid.UUID
     conversation_id: int | None
+    # Answer this finished last reply's question again (content is ignored).
+    regenerate_id: int | None = None
+    # Replace this earlier user message (and what followed) with `content`.
+    edit_id: int | None = None
 
 
 def check_message_text(text: object) -> str:
@@ -61,6 +68,17 @@ async def chat_accept(*, owner: Owner | None, request: SendRequest, client_ip: s
         raise Forbidden("Your session has expired. Reload the page to keep chatting.")
     if owner.is_anonymous and not settings.CHAT_ALLOW_ANONYMOUS:
         raise Forbidden("Please sign in to chat.")
+    if request.regenerate_id is not None:
+        reservation = await database_sync_to_async(limits.check_send_limits)(
+            owner=owner, client_ip=client_ip
+        )
+        accepted = await database_sync_to_async(services.reply_regenerate)(
+            owner=owner,
+            reply_id=request.regenerate_id,
+            client_msg_id=request.client_msg_id,
+            version_for=version_for,
+        )
+        return accepted if accepted.duplicate else accepted.with_reservation(reservation)
     content = check_message_text(request.content)
     reservation = await database_sync_to_async(limits.check_send_limits)(
         owner=owner, client_ip=client_ip
@@ -85,6 +103,7 @@ async def chat_accept(*, owner: Owner | None, request: SendRequest, client_ip: s
         version_for=version_for,
         injection_score=injection.score,
         injection_signals=list(injection.signals),
+        edit_id=request.edit_id,
     )
     return accepted if accepted.duplicate else accepted.with_reservation(reservation)
 
@@ -114,29 +133,73 @@ class _Result:
     outcome: CallOutcome | None = None
     verdict: moderation.Verdict | None = None
     cancelled: bool = False
+    cached: bool = False
 
 
-async def reply_run(*, accepted: Accepted, emit: Emit, started_at: float) -> None:
+def _prepare(
+    accepted: Accepted,
+) -> tuple[list[ChatMessage], str, response_cache.CachedReply | None]:
+    """Return the history to send, its cache key and a cached reply if there is one."""
+    history = selectors.history_for_model(
+        conversation_id=accepted.conversation_id,
+        upto_message_id=accepted.user_message_id,
+        budget_tokens=settings.CHAT_CONTEXT_TOKENS,
+        system_prompt=accepted.plan_system_prompt,
+    )
+    key = response_cache.response_key(
+        plan=accepted.plan, version_id=accepted.version_id, history=history
+    )
+    hit = None if accepted.bypass_cache else response_cache.cache_lookup(key)
+    return history, key, hit
+
+
+async def _replay_cached(
+    accepted: Accepted, hit: response_cache.CachedReply
+) -> AsyncGenerator[str | CallOutcome, None]:
+    """Stream a cached reply like a model would, at memory speed."""
+    size = settings.CHAT_RESPONSE_CACHE_CHUNK_CHARS
+    for start in range(0, len(hit.text), size):
+        yield hit.text[start : start + size]
+    yield CallOutcome(
+        model=accepted.plan.model,
+        usage=Usage(prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens),
+        path=[{"model": accepted.plan.model, "outcome": "cache"}],
+    )
+
+
+async def reply_run(
+    *, accepted: Accepted, emit: Emit, started_at: float, buffer: ReplyBuffer
+) -> None:
     """Generate, stream and store one reply; never raises except CancelledError.
 
-    Cancelling the task (Stop, a disconnect) ends the upstream call at once
-    and stores exactly the text that was sent, with finish reason `cancelled`.
+    Deltas go to the reply's replay buffer (for resumes and other listeners)
+    and straight to the socket that asked. A dropped socket does not stop the
+    reply unless CHAT_CANCEL_ON_DISCONNECT; cancelling the task (Stop) ends
+    the upstream call at once and stores exactly the text that was sent, with
+    finish reason `cancelled`.
     """
     loop = asyncio.get_running_loop()
+    origin = {"attached": True}
 
-    async def guarded_emit(frame: dict[str, Any]) -> None:
+    async def to_origin(frame: dict[str, Any]) -> None:
+        if not origin["attached"]:
+            return
         try:
             await emit(frame)
         except Exception as exc:
-            raise ClientGone() from exc
+            origin["attached"] = False
+            if settings.CHAT_CANCEL_ON_DISCONNECT:
+                raise ClientGone() from exc
+
+    async def publish(frame: dict[str, Any]) -> None:
+        hub.publish_delta(buffer, frame["text"])
+        await to_origin(frame)
 
     async def on_queued(position: int) -> None:
-        await guarded_emit(
-            {"type": "chat.queued", "message": accepted.reply_id, "position": position}
-        )
+        await to_origin({"type": "chat.queued", "message": accepted.reply_id, "position": position})
 
     sender = DeltaSender(
-        emit=guarded_emit,
+        emit=publish,
         message_id=accepted.reply_id,
         window=settings.CHAT_COALESCE_MS / 1000,
         max_chars=settings.CHAT_COALESCE_MAX_CHARS,
@@ -145,15 +208,15 @@ async def reply_run(*, accepted: Accepted, emit: Emit, started_at: float) -> Non
     result = _Result()
     metrics.stream_started()
     try:
-        history = await database_sync_to_async(selectors.history_for_model)(
-            conversation_id=accepted.conversation_id,
-            upto_message_id=accepted.user_message_id,
-            budget_tokens=settings.CHAT_CONTEXT_TOKENS,
-            system_prompt=accepted.plan_system_prompt,
-        )
-        stream = call_model(
-            accepted.plan, history, owner_key=accepted.owner_key, on_queued=on_queued
-        )
+        history, cache_key, hit = await database_sync_to_async(_prepare)(accepted)
+        metrics.cache_checked("hit" if hit else "miss")
+        if hit is not None:
+            result.cached = True
+            stream = _replay_cached(accepted, hit)
+        else:
+            stream = call_model(
+                accepted.plan, history, owner_key=accepted.owner_key, on_queued=on_queued
+            )
         async with contextlib.aclosing(stream):  # closes the vendor's stream at once
             async for event in stream:
                 if isinstance(event, CallOutcome):
@@ -166,6 +229,15 @@ async def reply_run(*, accepted: Accepted, emit: Emit, started_at: float) -> Non
         await sender.close(deliver=True)
         usage = result.outcome.usage if result.outcome else None
         result.finish_reason = usage.finish_reason if usage else "stop"
+        if not result.cached and result.finish_reason == "stop" and usage is not None:
+            await database_sync_to_async(response_cache.cache_store)(
+                cache_key,
+                response_cache.CachedReply(
+                    text=sender.text,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                ),
+            )
     except asyncio.CancelledError:
         result.cancelled = True
         result.finish_reason = "cancelled"
@@ -189,10 +261,11 @@ async def reply_run(*, accepted: Accepted, emit: Emit, started_at: float) -> Non
             await sender.close(deliver=result.finish_reason == "error")
 
     done = await _store(accepted, result, sender, started_at=started_at, now=loop.time())
+    hub.publish_done(buffer, done)
     with contextlib.suppress(Exception):
         if result.error is not None:
-            await emit(result.error.frame(client_msg_id=accepted.client_msg_id))
-        await emit(done)
+            await to_origin(result.error.frame(client_msg_id=accepted.client_msg_id))
+        await to_origin(done)
     if result.cancelled:
         raise asyncio.CancelledError()
 
@@ -208,7 +281,11 @@ async def _store(
         None if sender.first_sent_at is None else round((sender.first_sent_at - started_at) * 1000)
     )
     latency_ms = round((now - started_at) * 1000)
-    cost = reply_cost(model=model, usage=usage, at=timezone.now()) if usage else Decimal("0")
+    cost = (
+        reply_cost(model=model, usage=usage, at=timezone.now())
+        if usage and not result.cached
+        else Decimal("0")
+    )
     finish_kwargs: dict[str, Any] = {
         "reply_id": accepted.reply_id,
         "content": sender.text,
@@ -223,6 +300,7 @@ async def _store(
         "error_code": result.error.code if result.error else "",
         "call_path": outcome.path if outcome else [],
         "moderation": result.verdict.as_json() if result.verdict else None,
+        "cached": result.cached,
     }
     # The store must happen even while this task is being cancelled again.
     await asyncio.shield(database_sync_to_async(_finish_and_settle)(accepted, finish_kwargs))
@@ -241,7 +319,7 @@ async def _store(
         "message": accepted.reply_id,
         "finish_reason": result.finish_reason,
         "model": model,
-        "cached": False,
+        "cached": result.cached,
         "usage": {
             "prompt_tokens": usage.prompt_tokens if usage else 0,
             "completion_tokens": usage.completion_tokens if usage else 0,

@@ -63,10 +63,16 @@ def parse_send(frame: dict[str, Any]) -> SendRequest:
         client_msg_id = None
     if client_msg_id is None:
         raise InvalidInput('"client_msg_id" must be a UUID chosen by the client.')
+    regenerate_id = _int_field(frame, "regenerate", required=False)
+    edit_id = _int_field(frame, "edit", required=False)
+    if regenerate_id is not None and edit_id is not None:
+        raise InvalidInput('A message can be "regenerate" or "edit", not both.')
     return SendRequest(
         content=frame.get("content"),
         client_msg_id=client_msg_id,
         conversation_id=_int_field(frame, "conversation", required=False),
+        regenerate_id=regenerate_id,
+        edit_id=edit_id,
     )
 
 

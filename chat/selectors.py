@@ -45,6 +45,25 @@ def access_reply(*, owner: Owner, message_id: object) -> Message:
     return reply
 
 
+def access_user_message(*, owner: Owner, message_id: object) -> Message:
+    """Return the owner's visible user message, or raise NotFound."""
+    if isinstance(message_id, bool) or not isinstance(message_id, int):
+        raise NotFound("That message does not exist.")
+    message = (
+        Message.objects.filter(
+            owner.conversation_filter("conversation__"),
+            pk=message_id,
+            role=Message.Role.USER,
+            superseded_at__isnull=True,
+        )
+        .select_related("conversation")
+        .first()
+    )
+    if message is None:
+        raise NotFound("That message does not exist.")
+    return message
+
+
 def conversation_list(*, owner: Owner, limit: int = 100) -> list[dict[str, Any]]:
     rows = (
         Conversation.objects.filter(owner.conversation_filter())
@@ -63,16 +82,20 @@ def conversation_list(*, owner: Owner, limit: int = 100) -> list[dict[str, Any]]
 
 def conversation_messages(*, owner: Owner, conversation_id: object) -> list[dict[str, Any]]:
     conversation = access_conversation(owner=owner, conversation_id=conversation_id)
-    rows = conversation.messages.order_by("id").values(
-        "id",
-        "role",
-        "content",
-        "status",
-        "finish_reason",
-        "model",
-        "error_code",
-        "reply_to_id",
-        "created_at",
+    rows = (
+        conversation.messages.filter(superseded_at__isnull=True)
+        .order_by("id")
+        .values(
+            "id",
+            "role",
+            "content",
+            "status",
+            "finish_reason",
+            "model",
+            "error_code",
+            "reply_to_id",
+            "created_at",
+        )
     )
     return [
         {
@@ -99,7 +122,9 @@ def history_for_model(
     error placeholders. The newest user message is always kept.
     """
     rows = list(
-        Message.objects.filter(conversation_id=conversation_id, id__lte=upto_message_id)
+        Message.objects.filter(
+            conversation_id=conversation_id, id__lte=upto_message_id, superseded_at__isnull=True
+        )
         .exclude(role=Message.Role.ASSISTANT, content="")
         .order_by("-id")
         .values_list("role", "content")[:200]
@@ -116,3 +141,21 @@ def history_for_model(
     if system_prompt:
         kept.insert(0, ChatMessage(role="system", content=system_prompt))
     return kept
+
+
+def done_frame_for(reply: Message) -> dict[str, Any]:
+    """Return the `chat.done` frame for a finished reply, from what is stored."""
+    return {
+        "type": "chat.done",
+        "message": reply.pk,
+        "finish_reason": reply.finish_reason,
+        "model": reply.model,
+        "cached": reply.cached,
+        "usage": {
+            "prompt_tokens": reply.prompt_tokens or 0,
+            "completion_tokens": reply.completion_tokens or 0,
+        },
+        "cost_usd": float(reply.cost_usd),
+        "ttft_ms": reply.ttft_ms,
+        "latency_ms": reply.latency_ms,
+    }

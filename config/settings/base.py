@@ -226,3 +226,19 @@ CHAT_COALESCE_MAX_CHARS = env.int("CHAT_COALESCE_MAX_CHARS", default=4096)
 # Prompt-injection heuristics score every user message (stored, counted,
 # shown to staff); messages scoring at least this are refused. Empty = never.
 CHAT_BLOCK_INJECTION_SCORE = env.float("CHAT_BLOCK_INJECTION_SCORE", default=None)
+
+# Resumable streams (docs/decisions/0005-resumable-streams.md).
+CHAT_REPLAY_TTL_SECONDS = env.int("CHAT_REPLAY_TTL_SECONDS", default=600)
+CHAT_REPLAY_FLUSH_MS = env.int("CHAT_REPLAY_FLUSH_MS", default=50)
+# No reply may run longer than this; also bounds how long its stream is kept.
+CHAT_REPLY_MAX_SECONDS = env.int("CHAT_REPLY_MAX_SECONDS", default=600)
+# A dropped socket does not stop the reply (it is saved and can be resumed)
+# unless this is set; Stop always does.
+CHAT_CANCEL_ON_DISCONNECT = env.bool("CHAT_CANCEL_ON_DISCONNECT", default=False)
+
+# Exact-match response cache (chat/response_cache.py); staff can also switch
+# it off at runtime from the admin.
+CHAT_RESPONSE_CACHE = env.bool("CHAT_RESPONSE_CACHE", default=True)
+CHAT_RESPONSE_CACHE_TTL_SECONDS = env.int("CHAT_RESPONSE_CACHE_TTL_SECONDS", default=24 * 3600)
+# Cached replies stream in chunks of this many characters.
+CHAT_RESPONSE_CACHE_CHUNK_CHARS = env.int("CHAT_RESPONSE_CACHE_CHUNK_CHARS", default=64)

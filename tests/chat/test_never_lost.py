@@ -52,7 +52,10 @@ async def test_stop_mid_stream_saves_exactly_the_text_sent(ws, make_user, slow_d
     assert reply.latency_ms is not None and reply.ttft_ms is not None
 
 
-async def test_disconnect_mid_stream_saves_exactly_the_text_sent(ws, make_user, slow_demo):
+async def test_disconnect_mid_stream_saves_exactly_the_text_sent_when_set_to_cancel(
+    ws, make_user, slow_demo, settings
+):
+    settings.CHAT_CANCEL_ON_DISCONNECT = True
     comm = await ws(await user_cookie(make_user))
     await send(comm, send_frame("tell me a long story"))
     accepted = await recv(comm)

@@ -1,0 +1,229 @@
+"""Reply streams that outlive their socket: replay after a reconnect, live after.
+
+While a reply runs, and for `CHAT_REPLAY_TTL_SECONDS` after it ends, its
+deltas are kept with their seq. `chat.resume` replays every delta after
+`after` and then continues live, with no gap or duplicate at the seam: the
+backlog is read and the listener registered in one step of the event loop.
+
+Embedded mode keeps them in this process. Scaled mode also writes them to a
+Redis stream per reply, batched by a per-process flusher (one pipeline per
+tick, not a round trip per token), so a resume on another server process
+reads the backlog there and follows the stream. Never the channel layer: it
+drops messages past capacity (NOTES.md). Stop requests for a reply running on
+another process travel the same way: a Redis key the flusher polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[dict[str, Any]], None]
+
+_STREAM_KEY = "chat:replay:{}"
+_STOP_KEY = "chat:stop:{}"
+
+
+@dataclass(slots=True)
+class ReplyBuffer:
+    reply_id: int
+    owner_key: str
+    texts: list[str] = field(default_factory=list)  # texts[i] has seq i + 1
+    done: dict[str, Any] | None = None
+    listeners: list[Listener] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+    def delta(self, seq: int) -> dict[str, Any]:
+        return {
+            "type": "chat.delta",
+            "message": self.reply_id,
+            "seq": seq,
+            "text": self.texts[seq - 1],
+        }
+
+
+class ReplayHub:
+    """The replies this process is generating or generated lately."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, ReplyBuffer] = {}
+        self._redis_pending: list[tuple[int, dict[str, str]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._redis: Any = None
+        self._redis_loop: asyncio.AbstractEventLoop | None = None
+
+    # --- the generating side ---------------------------------------------------
+
+    def open(
+        self, *, reply_id: int, owner_key: str, task: asyncio.Task[None] | None
+    ) -> ReplyBuffer:
+        buffer = ReplyBuffer(reply_id=reply_id, owner_key=owner_key, task=task)
+        self._buffers[reply_id] = buffer
+        if settings.REDIS_URL:
+            # Starts the flusher, which also polls for Stop from other processes.
+            self._ensure_flusher()
+        return buffer
+
+    def publish_delta(self, buffer: ReplyBuffer, text: str) -> int:
+        """Record one delta and hand it to every listener; return its seq."""
+        buffer.texts.append(text)
+        seq = len(buffer.texts)
+        if buffer.listeners:
+            frame = buffer.delta(seq)
+            for listener in buffer.listeners:
+                listener(frame)
+        if settings.REDIS_URL:
+            self._queue_redis(buffer.reply_id, {"seq": str(seq), "text": text})
+        return seq
+
+    def publish_done(self, buffer: ReplyBuffer, frame: dict[str, Any]) -> None:
+        buffer.done = frame
+        for listener in buffer.listeners:
+            listener(frame)
+        buffer.listeners.clear()
+        buffer.task = None
+        if settings.REDIS_URL:
+            self._queue_redis(buffer.reply_id, {"done": json.dumps(frame)})
+        loop = asyncio.get_running_loop()
+        loop.call_later(settings.CHAT_REPLAY_TTL_SECONDS, self._buffers.pop, buffer.reply_id, None)
+
+    def owner_of(self, reply_id: int) -> str | None:
+        buffer = self._buffers.get(reply_id)
+        return buffer.owner_key if buffer is not None else None
+
+    def running_task(self, reply_id: int) -> asyncio.Task[None] | None:
+        buffer = self._buffers.get(reply_id)
+        return buffer.task if buffer is not None else None
+
+    # --- the resuming side -----------------------------------------------------
+
+    def attach(self, *, reply_id: int, after: int, listener: Listener) -> bool:
+        """Replay deltas after `after` to `listener` and keep it posted; False if unknown here.
+
+        Everything happens without an await, so no delta can slip between the
+        backlog and the live feed.
+        """
+        buffer = self._buffers.get(reply_id)
+        if buffer is None:
+            return False
+        for seq in range(max(after, 0) + 1, len(buffer.texts) + 1):
+            listener(buffer.delta(seq))
+        if buffer.done is not None:
+            listener(buffer.done)
+        else:
+            buffer.listeners.append(listener)
+        return True
+
+    def detach(self, listener: Listener) -> None:
+        for buffer in self._buffers.values():
+            if listener in buffer.listeners:
+                buffer.listeners.remove(listener)
+
+    async def follow_remote(self, *, reply_id: int, after: int, listener: Listener) -> bool:
+        """Replay and follow a reply generated by another process (scaled mode).
+
+        Return False when no process has kept this reply's stream.
+        """
+        if not settings.REDIS_URL:
+            return False
+        redis = self._client()
+        key = _STREAM_KEY.format(reply_id)
+        last_id = "0-0"
+        seen_any = False
+        while True:
+            batches = await redis.xread({key: last_id}, block=5000, count=500)
+            if not batches:
+                if not seen_any and not await redis.exists(key):
+                    return False
+                continue
+            for entry_id, fields in batches[0][1]:
+                seen_any = True
+                last_id = entry_id
+                if b"done" in fields:
+                    listener(json.loads(fields[b"done"]))
+                    return True
+                seq = int(fields[b"seq"])
+                if seq > after:
+                    listener(
+                        {
+                            "type": "chat.delta",
+                            "message": reply_id,
+                            "seq": seq,
+                            "text": fields[b"text"].decode(),
+                        }
+                    )
+
+    async def request_stop(self, reply_id: int) -> None:
+        """Ask whichever process runs this reply to stop it."""
+        if settings.REDIS_URL:
+            await self._client().set(_STOP_KEY.format(reply_id), b"1", ex=600)
+
+    # --- Redis -------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._redis is None or self._redis_loop is not loop:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.from_url(
+                settings.REDIS_URL, socket_timeout=10, socket_connect_timeout=3
+            )
+            self._redis_loop = loop
+            self._flusher = None
+        return self._redis
+
+    def _queue_redis(self, reply_id: int, fields: dict[str, str]) -> None:
+        self._redis_pending.append((reply_id, fields))
+        self._ensure_flusher()
+
+    def _ensure_flusher(self) -> None:
+        self._client()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        interval = settings.CHAT_REPLAY_FLUSH_MS / 1000
+        while True:
+            await asyncio.sleep(interval)
+            pending, self._redis_pending = self._redis_pending, []
+            running = [b.reply_id for b in self._buffers.values() if b.task is not None]
+            if not pending and not running:
+                return
+            try:
+                await self._flush(pending, running)
+            except Exception:
+                # Redis being down must not break the replies themselves:
+                # only resuming on another process is lost meanwhile.
+                logger.warning("replay flush to Redis failed", exc_info=True)
+
+    async def _flush(self, pending: list[tuple[int, dict[str, str]]], running: list[int]) -> None:
+        redis = self._client()
+        ttl = settings.CHAT_REPLAY_TTL_SECONDS
+        async with redis.pipeline(transaction=False) as pipe:
+            touched: set[int] = set()
+            for reply_id, fields in pending:
+                pipe.xadd(_STREAM_KEY.format(reply_id), fields)
+                touched.add(reply_id)
+            for reply_id in touched:
+                # A running reply's stream lives as long as the longest reply
+                # may; a finished one for the replay TTL.
+                pipe.expire(_STREAM_KEY.format(reply_id), ttl + settings.CHAT_REPLY_MAX_SECONDS)
+            if running:
+                pipe.mget([_STOP_KEY.format(r) for r in running])
+            results = await pipe.execute()
+        if running:
+            for reply_id, flag in zip(running, results[-1], strict=True):
+                task = self.running_task(reply_id)
+                if flag and task is not None:
+                    task.cancel()
+
+
+hub = ReplayHub()

@@ -1,0 +1,96 @@
+"""An exact-match response cache, keyed on the model version and the context.
+
+Many users ask the same thing; a repeated question in the same context under
+the same model version is answered from here, streamed through the same
+protocol with `cached: true` and a cost of zero. Any change to the version
+(model, prompt, temperature, max tokens) changes the key, so a rollback or a
+new prompt never serves an old answer. Staff can switch it off at runtime.
+
+The store is the Django cache: Redis in the scaled mode, the shared SQLite
+cache in the embedded mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.cache import cache
+
+from chat.callpath import ModelPlan
+from chat.providers import ChatMessage
+
+_SWITCH_KEY = "chat:response-cache:off"
+_KEY_PREFIX = "chat:response:"
+
+
+@dataclass(frozen=True, slots=True)
+class CachedReply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _normalise(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def response_key(*, plan: ModelPlan, version_id: int | None, history: list[ChatMessage]) -> str:
+    """Return the cache key for this version answering this exact context."""
+    material = json.dumps(
+        {
+            "model": plan.model,
+            "version": version_id,
+            "temperature": plan.temperature,
+            "max_tokens": plan.max_tokens,
+            "context": [[m.role, _normalise(m.content)] for m in history],
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return _KEY_PREFIX + hashlib.sha256(material.encode()).hexdigest()
+
+
+def cache_enabled() -> bool:
+    return bool(settings.CHAT_RESPONSE_CACHE) and not cache.get(_SWITCH_KEY)
+
+
+def cache_switch(*, enabled: bool) -> None:
+    """Turn the cache on or off for every process at once (staff switch)."""
+    if enabled:
+        cache.delete(_SWITCH_KEY)
+    else:
+        cache.set(_SWITCH_KEY, 1, timeout=None)
+
+
+def cache_lookup(key: str) -> CachedReply | None:
+    if not cache_enabled():
+        return None
+    raw = cache.get(key)
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return CachedReply(
+            text=str(raw["text"]),
+            prompt_tokens=int(raw["prompt_tokens"]),
+            completion_tokens=int(raw["completion_tokens"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def cache_store(key: str, reply: CachedReply) -> None:
+    if not cache_enabled() or not reply.text:
+        return
+    cache.set(
+        key,
+        {
+            "text": reply.text,
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+        },
+        timeout=settings.CHAT_RESPONSE_CACHE_TTL_SECONDS,
+    )

@@ -1,0 +1,148 @@
+"""Replies outlive their socket: `chat.resume` replays and continues live."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+
+from chat.models import Message
+from tests.chat.helpers import delta_text, recv, recv_until_done, send, send_frame
+from tests.conftest import session_cookie_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@database_sync_to_async
+def user_cookie(make_user, name: str = "alice") -> str:
+    return session_cookie_for(make_user(name))
+
+
+@database_sync_to_async
+def reload(pk: int) -> Message:
+    return Message.objects.get(pk=pk)
+
+
+@pytest.fixture
+def paced_demo(settings):
+    settings.CHAT_DEMO_TPS = 50
+    settings.CHAT_DEMO_REPLY_TOKENS = 30
+
+
+async def wait_finished(pk: int) -> Message:
+    """Wait for the reply to be stored; the generating task runs on its own."""
+    from chat.replay import hub
+
+    task = hub.running_task(pk)
+    if task is not None:
+        await asyncio.wait_for(asyncio.shield(task), timeout=20)
+    return await reload(pk)
+
+
+async def test_dropped_socket_does_not_stop_the_reply(ws, make_user, paced_demo):
+    comm = await ws(await user_cookie(make_user))
+    await send(comm, send_frame("keep going without me"))
+    accepted = await recv(comm)
+    first = await recv(comm)
+    assert first["type"] == "chat.delta"
+    await comm.disconnect()
+
+    reply = await wait_finished(accepted["message"])
+    assert reply.finish_reason == "stop" and reply.completion_tokens == 30
+    assert reply.content.startswith(first["text"]) and len(reply.content) > len(first["text"])
+
+
+async def test_resume_on_a_new_socket_replays_then_continues_without_gaps(
+    ws, make_user, paced_demo
+):
+    cookie = await user_cookie(make_user)
+    comm = await ws(cookie)
+    await send(comm, send_frame("resume me"))
+    accepted = await recv(comm)
+    got = [await recv(comm), await recv(comm)]
+    await comm.disconnect()
+
+    again = await ws(cookie)
+    await send(
+        again, {"type": "chat.resume", "message": accepted["message"], "after": got[-1]["seq"]}
+    )
+    rest = await recv_until_done(again)
+    seqs = [f["seq"] for f in got + rest if f["type"] == "chat.delta"]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert rest[-1]["finish_reason"] == "stop"
+    reply = await reload(accepted["message"])
+    assert delta_text(got) + delta_text(rest) == reply.content
+
+
+async def test_resume_after_the_end_replays_the_whole_reply(ws, make_user):
+    cookie = await user_cookie(make_user)
+    comm = await ws(cookie)
+    await send(comm, send_frame("short one"))
+    accepted = await recv(comm)
+    original = await recv_until_done(comm)
+
+    other_tab = await ws(cookie)
+    await send(other_tab, {"type": "chat.resume", "message": accepted["message"], "after": 0})
+    replayed = await recv_until_done(other_tab)
+    assert [f for f in replayed if f["type"] == "chat.delta"] == [
+        f for f in original if f["type"] == "chat.delta"
+    ]
+    assert replayed[-1]["finish_reason"] == "stop"
+
+
+async def test_resume_from_storage_when_the_stream_is_gone(ws, make_user, settings):
+    from chat.replay import hub
+
+    cookie = await user_cookie(make_user)
+    comm = await ws(cookie)
+    await send(comm, send_frame("old reply"))
+    accepted = await recv(comm)
+    original = await recv_until_done(comm)
+    hub._buffers.pop(accepted["message"], None)  # as if the TTL had passed
+    if settings.REDIS_URL:
+        if hub._flusher is not None:
+            await hub._flusher  # the stream is fully written; now let it expire
+        import redis
+
+        redis.from_url(settings.REDIS_URL).delete(f"chat:replay:{accepted['message']}")
+
+    await send(comm, {"type": "chat.resume", "message": accepted["message"], "after": 0})
+    delta = await recv(comm)
+    done = await recv(comm)
+    assert delta["text"] == delta_text(original) and "replace" not in delta
+    assert done["type"] == "chat.done" and done["finish_reason"] == "stop"
+
+
+async def test_stop_from_another_socket_of_the_same_user(ws, make_user, settings):
+    settings.CHAT_DEMO_TPS = 5
+    settings.CHAT_DEMO_REPLY_TOKENS = 50
+    cookie = await user_cookie(make_user)
+    comm = await ws(cookie)
+    await send(comm, send_frame("long"))
+    accepted = await recv(comm)
+    await recv(comm)
+    other = await ws(cookie)
+    await send(other, {"type": "chat.stop", "message": accepted["message"]})
+    frames = await recv_until_done(comm)
+    assert frames[-1]["finish_reason"] == "cancelled"
+    reply = await wait_finished(accepted["message"])
+    assert reply.finish_reason == "cancelled"
+
+
+async def test_another_user_cannot_resume_or_stop_a_running_reply(ws, make_user, settings):
+    settings.CHAT_DEMO_TPS = 20
+    settings.CHAT_DEMO_REPLY_TOKENS = 20
+    comm = await ws(await user_cookie(make_user, "alice"))
+    await send(comm, send_frame("mine"))
+    accepted = await recv(comm)
+    mallory = await ws(await user_cookie(make_user, "mallory"))
+    for frame in (
+        {"type": "chat.resume", "message": accepted["message"], "after": 0},
+        {"type": "chat.stop", "message": accepted["message"]},
+    ):
+        await send(mallory, frame)
+        error = await recv(mallory)
+        assert error["code"] == "not_found"
+    frames = await recv_until_done(comm)
+    assert frames[-1]["finish_reason"] == "stop"
