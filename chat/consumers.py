@@ -10,6 +10,7 @@ replay hub into this socket's outbox, drained by one pump task.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from typing import Any
@@ -52,9 +53,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
         self._followers: set[asyncio.Task[bool]] = set()
+        self._group = owner_group(self.owner) if self.owner is not None else None
         await self.accept()
+        if self._group is not None:
+            await self._layer("group_add", self._group, self.channel_name)
 
     async def disconnect(self, code: int) -> None:
+        if self._group is not None:
+            await self._layer("group_discard", self._group, self.channel_name)
         hub.detach(self._deliver)
         for follower in self._followers:
             follower.cancel()
@@ -125,6 +131,37 @@ class ChatConsumer(AsyncWebsocketConsumer):
         buffer.task = task
         self.replies[accepted.reply_id] = task
         task.add_done_callback(lambda _t: self.replies.pop(accepted.reply_id, None))
+        if self._group is not None:
+            # The owner's other tabs learn of the reply and can resume it.
+            await self._layer(
+                "group_send",
+                self._group,
+                {
+                    "type": "reply.started",
+                    "origin": self.channel_name,
+                    "conversation": accepted.conversation_id,
+                    "message": accepted.reply_id,
+                },
+            )
+
+    async def reply_started(self, event: dict[str, Any]) -> None:
+        if event.get("origin") != self.channel_name:
+            await self.send_json(
+                {
+                    "type": "chat.started",
+                    "conversation": event["conversation"],
+                    "message": event["message"],
+                }
+            )
+
+    async def _layer(self, method: str, *args: Any) -> None:
+        """Call the channel layer for a rare control message; never fail the chat for it."""
+        if self.channel_layer is None:
+            return
+        try:
+            await asyncio.wait_for(getattr(self.channel_layer, method)(*args), timeout=2)
+        except Exception:
+            logger.warning("channel layer %s failed", method, exc_info=True)
 
     async def on_stop(self, request: protocol.StopRequest) -> None:
         owner = self._owner_or_raise()
@@ -188,6 +225,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.owner is None:
             raise NotFound()
         return self.owner
+
+
+def owner_group(owner: Owner) -> str:
+    """Return the channel-layer group of one owner's sockets (a safe, opaque name)."""
+    return "owner." + hashlib.sha256(owner.key.encode()).hexdigest()[:32]
 
 
 def stored_replay(reply: Message, after: int) -> dict[str, Any]:

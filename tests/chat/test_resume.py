@@ -146,3 +146,23 @@ async def test_another_user_cannot_resume_or_stop_a_running_reply(ws, make_user,
         assert error["code"] == "not_found"
     frames = await recv_until_done(comm)
     assert frames[-1]["finish_reason"] == "stop"
+
+
+async def test_the_same_users_other_tab_hears_of_a_new_reply_and_can_follow_it(ws, make_user):
+    cookie = await user_cookie(make_user)
+    tab_a = await ws(cookie)
+    tab_b = await ws(cookie)
+    stranger = await ws(await user_cookie(make_user, "bob"))
+    await send(tab_a, send_frame("seen everywhere"))
+    accepted = await recv(tab_a)
+    started = await recv(tab_b)
+    assert started == {
+        "type": "chat.started",
+        "conversation": accepted["conversation"],
+        "message": accepted["message"],
+    }
+    await send(tab_b, {"type": "chat.resume", "message": started["message"], "after": 0})
+    followed = await recv_until_done(tab_b)
+    original = await recv_until_done(tab_a)
+    assert delta_text(followed) == delta_text(original)
+    assert await stranger.receive_nothing(timeout=0.2)
