@@ -27,7 +27,9 @@ run: install
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py ensure_superuser
 	@echo "Serving on http://$(HOST):$(PORT)/ (Ctrl-C stops the server, worker and beat)"
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CHAT_HOST=$(HOST) CHAT_PORT=$(PORT) exec $(VENV)/bin/honcho -f config/Procfile.embedded -d . start
+	@# Prometheus multiprocess files: one dir shared by the server and the worker, emptied at each start.
+	PROM_DIR="$${PROMETHEUS_MULTIPROC_DIR:-$${CHAT_DATA_DIR:-$(CURDIR)/var}/prometheus}"; rm -rf "$$PROM_DIR" && mkdir -p "$$PROM_DIR" && \
+	PROMETHEUS_MULTIPROC_DIR="$$PROM_DIR" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CHAT_HOST=$(HOST) CHAT_PORT=$(PORT) exec $(VENV)/bin/honcho -f config/Procfile.embedded -d . start
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -49,7 +51,7 @@ test-scaled: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m tests.bench
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

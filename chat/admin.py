@@ -1,6 +1,13 @@
+from django.conf import settings
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, Price
+from chat.response_cache import cache_enabled, cache_switch
 
 
 class MessageInline(admin.TabularInline):
@@ -31,6 +38,18 @@ class ConversationAdmin(admin.ModelAdmin):
         return False
 
 
+class InjectionFilter(admin.SimpleListFilter):
+    title = "prompt-injection score"
+    parameter_name = "injection"
+
+    def lookups(self, request, model_admin):  # type: ignore[no-untyped-def]
+        return [("suspicious", "suspicious (≥ 0.5)"), ("likely", "likely (≥ 0.8)")]
+
+    def queryset(self, request, queryset):  # type: ignore[no-untyped-def]
+        threshold = {"suspicious": 0.5, "likely": 0.8}.get(self.value() or "")
+        return queryset if threshold is None else queryset.filter(injection_score__gte=threshold)
+
+
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = (
@@ -44,13 +63,56 @@ class MessageAdmin(admin.ModelAdmin):
         "ttft_ms",
         "latency_ms",
         "cost_usd",
+        "cached",
+        "injection_score",
         "created_at",
     )
-    list_filter = ("role", "status", "finish_reason", "model", "error_code")
+    list_filter = (
+        "role",
+        "status",
+        "finish_reason",
+        "model",
+        "error_code",
+        "cached",
+        "usage_estimated",
+        InjectionFilter,
+    )
     search_fields = ("content",)
     list_select_related = ("conversation",)
     readonly_fields = [f.name for f in Message._meta.fields]
     show_full_result_count = False
+    change_list_template = "admin/chat/message/change_list.html"
+
+    def get_urls(self):  # type: ignore[no-untyped-def]
+        extra = [
+            path(
+                "response-cache/",
+                self.admin_site.admin_view(self.response_cache_view),
+                name="chat_response_cache",
+            )
+        ]
+        return extra + super().get_urls()
+
+    def response_cache_view(self, request: HttpRequest) -> HttpResponse:
+        """Show and switch the response cache for every process at once."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            if not request.user.has_perm("chat.change_message"):
+                raise PermissionDenied
+            enabled = request.POST.get("enabled") == "1"
+            cache_switch(enabled=enabled)
+            self.message_user(request, f"The response cache is now {'on' if enabled else 'off'}.")
+            return redirect("admin:chat_response_cache")
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Response cache",
+            "enabled": cache_enabled(),
+            "configured": settings.CHAT_RESPONSE_CACHE,
+            "ttl_hours": settings.CHAT_RESPONSE_CACHE_TTL_SECONDS / 3600,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/chat/response_cache.html", context)
 
     @admin.display(description="content")
     def short_content(self, obj: Message) -> str:
@@ -62,3 +124,75 @@ class MessageAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):  # type: ignore[no-untyped-def]
         # Staff can open a message but never rewrite what was said.
         return request.method in ("GET", "HEAD") and super().has_change_permission(request, obj)
+
+
+@admin.register(Price)
+class PriceAdmin(admin.ModelAdmin):
+    """Staff keep prices current by adding a row with a later effective date;
+    editing an old row would change what past replies are shown to have cost."""
+
+    list_display = (
+        "model",
+        "input_per_mtok",
+        "output_per_mtok",
+        "cached_input_per_mtok",
+        "effective_from",
+    )
+    list_filter = ("model",)
+    search_fields = ("model",)
+    ordering = ("model", "-effective_from")
+    date_hierarchy = "effective_from"
+
+
+# --- Abuse blocks (chat/safety/limits.py) --------------------------------------
+from django.db.models import QuerySet  # noqa: E402
+from django.http import HttpRequest  # noqa: E402
+from django.utils import timezone  # noqa: E402
+
+from chat.models import AbuseBlock  # noqa: E402
+from chat.safety import limits  # noqa: E402
+
+
+class AbuseBlockActiveFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request, model_admin):  # type: ignore[no-untyped-def]
+        return [("active", "Active"), ("ended", "Expired or lifted")]
+
+    def queryset(self, request, queryset):  # type: ignore[no-untyped-def]
+        active = {"lifted_at__isnull": True, "expires_at__gt": timezone.now()}
+        if self.value() == "active":
+            return queryset.filter(**active)
+        if self.value() == "ended":
+            return queryset.exclude(**active)
+        return queryset
+
+
+@admin.register(AbuseBlock)
+class AbuseBlockAdmin(admin.ModelAdmin):
+    list_display = (
+        "subject",
+        "reason",
+        "is_active",
+        "created_at",
+        "expires_at",
+        "lifted_at",
+        "lifted_by",
+    )
+    list_filter = (AbuseBlockActiveFilter, "created_at")
+    search_fields = ("subject", "reason")
+    ordering = ("-created_at",)
+    readonly_fields = ("created_at", "lifted_at", "lifted_by")
+    actions = ["lift_blocks"]
+
+    @admin.display(boolean=True, description="active")
+    def is_active(self, obj: AbuseBlock) -> bool:
+        return obj.lifted_at is None and obj.expires_at > timezone.now()
+
+    @admin.action(description="Lift the selected blocks now")
+    def lift_blocks(self, request: HttpRequest, queryset: QuerySet[AbuseBlock]) -> None:
+        lifted = limits.abuse_block_lift(
+            block_ids=list(queryset.values_list("pk", flat=True)), by_user_id=request.user.pk
+        )
+        self.message_user(request, f"Lifted {lifted} block{'s' if lifted != 1 else ''}.")

@@ -24,6 +24,7 @@ from chat.errors import ChatError, Internal, InvalidInput, NotFound
 from chat.models import Message
 from chat.owners import Owner
 from chat.replay import hub
+from monitoring.sentry import capture_exception
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_json(exc.frame(client_msg_id=client_msg_id))
         except Exception as exc:
             logger.exception("chat frame failed")
-            _report(exc)
+            capture_exception(exc)
             await self.send_json(Internal().frame(client_msg_id=client_msg_id))
 
     async def on_send(self, request: pipeline.SendRequest) -> None:
         started_at = asyncio.get_running_loop().time()
-        accepted = await pipeline.chat_accept(
+        accepted, prepared = await pipeline.chat_accept(
             owner=self.owner, request=request, client_ip=self.client_ip
         )
         await self.send_json(pipeline.accepted_frame(accepted))
@@ -125,7 +126,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         buffer = hub.open(reply_id=accepted.reply_id, owner_key=accepted.owner_key, task=None)
         task = asyncio.create_task(
             pipeline.reply_run(
-                accepted=accepted, emit=self.send_json, started_at=started_at, buffer=buffer
+                accepted=accepted,
+                emit=self.send_json,
+                started_at=started_at,
+                buffer=buffer,
+                prepared=prepared,
             )
         )
         buffer.task = task
@@ -247,11 +252,3 @@ def stored_replay(reply: Message, after: int) -> dict[str, Any]:
     if after > 0:
         frame["replace"] = True
     return frame
-
-
-def _report(exc: BaseException) -> None:
-    try:
-        from monitoring.sentry import capture_exception
-    except ImportError:
-        return
-    capture_exception(exc)

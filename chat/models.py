@@ -111,6 +111,8 @@ class Message(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["conversation", "id"], name="msg_history"),
+            # Rollups, retention and exports read replies by time.
+            models.Index(fields=["created_at"], name="msg_created"),
             # The reaper looks for replies left pending by a dead process.
             models.Index(
                 fields=["created_at"], name="msg_pending_age", condition=Q(status="pending")

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -33,13 +33,14 @@ from chat.owners import Owner
 from chat.pricing import reply_cost
 from chat.providers import ChatMessage, Usage
 from chat.replay import ReplyBuffer, hub
-from chat.safety import injection_score, limits, moderation
+from chat.safety import InjectionVerdict, injection_score, limits, moderation
 from chat.safety.errors import InvalidInput as TextRefused
 from chat.safety.input import check_user_text
 from chat.services import Accepted
 from chat.streaming import DeltaSender, Emit
 from feedback.versions import version_for
 from monitoring import metrics
+from monitoring.sentry import capture_exception as report_exception
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +64,34 @@ def check_message_text(text: object) -> str:
         raise InvalidInput(exc.user_message) from None
 
 
-async def chat_accept(*, owner: Owner | None, request: SendRequest, client_ip: str) -> Accepted:
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What the model call needs, read in the same trip as the accept."""
+
+    history: list[ChatMessage]
+    cache_key: str
+    cached: response_cache.CachedReply | None
+
+
+async def chat_accept(
+    *, owner: Owner | None, request: SendRequest, client_ip: str
+) -> tuple[Accepted, Prepared | None]:
+    """Check, limit and store a send; return it with what the reply needs.
+
+    The checks that need no database run first; then one trip to the
+    database thread checks limits, stores the message and its pending reply,
+    and reads the history and the response cache, so the first token waits
+    for one thread hop, not four.
+    """
     if owner is None:
         raise Forbidden("Your session has expired. Reload the page to keep chatting.")
     if owner.is_anonymous and not settings.CHAT_ALLOW_ANONYMOUS:
         raise Forbidden("Please sign in to chat.")
     if request.regenerate_id is not None:
-        reservation = await database_sync_to_async(limits.check_send_limits)(
-            owner=owner, client_ip=client_ip
+        return await database_sync_to_async(_admit)(
+            owner=owner, client_ip=client_ip, request=request, content="", injection=None
         )
-        accepted = await database_sync_to_async(services.reply_regenerate)(
-            owner=owner,
-            reply_id=request.regenerate_id,
-            client_msg_id=request.client_msg_id,
-            version_for=version_for,
-        )
-        return accepted if accepted.duplicate else accepted.with_reservation(reservation)
     content = check_message_text(request.content)
-    reservation = await database_sync_to_async(limits.check_send_limits)(
-        owner=owner, client_ip=client_ip
-    )
     injection = injection_score(content)
     verdict = await moderation.moderate_input(content)
     if verdict is not None or (
@@ -95,17 +104,43 @@ async def chat_accept(*, owner: Owner | None, request: SendRequest, client_ip: s
             owner=owner, client_ip=client_ip, kind="blocked_input"
         )
         raise BlockedInput()
-    accepted = await database_sync_to_async(services.message_accept)(
-        owner=owner,
-        content=content,
-        client_msg_id=request.client_msg_id,
-        conversation_id=request.conversation_id,
-        version_for=version_for,
-        injection_score=injection.score,
-        injection_signals=list(injection.signals),
-        edit_id=request.edit_id,
+    return await database_sync_to_async(_admit)(
+        owner=owner, client_ip=client_ip, request=request, content=content, injection=injection
     )
-    return accepted if accepted.duplicate else accepted.with_reservation(reservation)
+
+
+def _admit(
+    *,
+    owner: Owner,
+    client_ip: str,
+    request: SendRequest,
+    content: str,
+    injection: InjectionVerdict | None,
+) -> tuple[Accepted, Prepared | None]:
+    reservation = limits.check_send_limits(owner=owner, client_ip=client_ip)
+    if request.regenerate_id is not None:
+        accepted = services.reply_regenerate(
+            owner=owner,
+            reply_id=request.regenerate_id,
+            client_msg_id=request.client_msg_id,
+            version_for=version_for,
+        )
+    else:
+        accepted = services.message_accept(
+            owner=owner,
+            content=content,
+            client_msg_id=request.client_msg_id,
+            conversation_id=request.conversation_id,
+            version_for=version_for,
+            injection_score=injection.score if injection else None,
+            injection_signals=list(injection.signals) if injection else [],
+            edit_id=request.edit_id,
+        )
+    if accepted.duplicate:
+        # Nothing new will run: give the budget back at once.
+        limits.budget_settle(reservation=reservation, cost_usd=Decimal("0"), tokens=0)
+        return accepted, None
+    return accepted.with_reservation(reservation), _prepare(accepted)
 
 
 def accepted_frame(accepted: Accepted) -> dict[str, Any]:
@@ -136,9 +171,7 @@ class _Result:
     cached: bool = False
 
 
-def _prepare(
-    accepted: Accepted,
-) -> tuple[list[ChatMessage], str, response_cache.CachedReply | None]:
+def _prepare(accepted: Accepted) -> Prepared:
     """Return the history to send, its cache key and a cached reply if there is one."""
     history = selectors.history_for_model(
         conversation_id=accepted.conversation_id,
@@ -150,7 +183,26 @@ def _prepare(
         plan=accepted.plan, version_id=accepted.version_id, history=history
     )
     hit = None if accepted.bypass_cache else response_cache.cache_lookup(key)
-    return history, key, hit
+    return Prepared(history=history, cache_key=key, cached=hit)
+
+
+def _remember(key: str, history: list[ChatMessage], text: str, usage: Usage) -> None:
+    reply = response_cache.CachedReply(
+        text=text, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens
+    )
+    response_cache.cache_store(key, reply)
+    response_cache.cache_store(response_cache.last_resort_key(history), reply)
+
+
+def _last_resort(history: list[ChatMessage]) -> Callable[[], Awaitable[str | None]]:
+    """Return the call path's last resort: an earlier answer to the same question."""
+
+    async def cached_answer() -> str | None:
+        key = response_cache.last_resort_key(history)
+        hit = await database_sync_to_async(response_cache.cache_lookup)(key)
+        return hit.text if hit is not None else None
+
+    return cached_answer
 
 
 async def _replay_cached(
@@ -168,7 +220,12 @@ async def _replay_cached(
 
 
 async def reply_run(
-    *, accepted: Accepted, emit: Emit, started_at: float, buffer: ReplyBuffer
+    *,
+    accepted: Accepted,
+    emit: Emit,
+    started_at: float,
+    buffer: ReplyBuffer,
+    prepared: Prepared | None = None,
 ) -> None:
     """Generate, stream and store one reply; never raises except CancelledError.
 
@@ -208,19 +265,26 @@ async def reply_run(
     result = _Result()
     metrics.stream_started()
     try:
-        history, cache_key, hit = await database_sync_to_async(_prepare)(accepted)
+        if prepared is None:
+            prepared = await database_sync_to_async(_prepare)(accepted)
+        history, cache_key, hit = prepared.history, prepared.cache_key, prepared.cached
         metrics.cache_checked("hit" if hit else "miss")
         if hit is not None:
             result.cached = True
             stream = _replay_cached(accepted, hit)
         else:
             stream = call_model(
-                accepted.plan, history, owner_key=accepted.owner_key, on_queued=on_queued
+                accepted.plan,
+                history,
+                owner_key=accepted.owner_key,
+                on_queued=on_queued,
+                cached_answer=_last_resort(history),
             )
         async with contextlib.aclosing(stream):  # closes the vendor's stream at once
             async for event in stream:
                 if isinstance(event, CallOutcome):
                     result.outcome = event
+                    result.cached = result.cached or event.cached
                     continue
                 for safe in await gate.feed(event):
                     await sender.push(safe)
@@ -230,14 +294,7 @@ async def reply_run(
         usage = result.outcome.usage if result.outcome else None
         result.finish_reason = usage.finish_reason if usage else "stop"
         if not result.cached and result.finish_reason == "stop" and usage is not None:
-            await database_sync_to_async(response_cache.cache_store)(
-                cache_key,
-                response_cache.CachedReply(
-                    text=sender.text,
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                ),
-            )
+            await database_sync_to_async(_remember)(cache_key, history, sender.text, usage)
     except asyncio.CancelledError:
         result.cancelled = True
         result.finish_reason = "cancelled"
@@ -250,13 +307,18 @@ async def reply_run(
     except ChatError as exc:
         result.error = exc
         logger.warning("reply %s failed: %s", accepted.reply_id, exc.code)
-    except Exception:
+    except Exception as exc:
         result.error = Internal()
         logger.exception("reply %s: unexpected failure", accepted.reply_id)
+        report_exception(exc)
     finally:
         metrics.stream_ended()
-        # Text the model already produced and moderation passed still reaches
-        # the user on a failure; on a cancel or a flag, nothing more is sent.
+        # Text the model already produced still reaches the user on a failure,
+        # once moderation has passed it; on a cancel or a flag, nothing more.
+        if result.finish_reason == "error":
+            with contextlib.suppress(Exception):
+                for safe in await gate.finish():
+                    await sender.push(safe)
         with contextlib.suppress(ClientGone):
             await sender.close(deliver=result.finish_reason == "error")
 
@@ -281,11 +343,6 @@ async def _store(
         None if sender.first_sent_at is None else round((sender.first_sent_at - started_at) * 1000)
     )
     latency_ms = round((now - started_at) * 1000)
-    cost = (
-        reply_cost(model=model, usage=usage, at=timezone.now())
-        if usage and not result.cached
-        else Decimal("0")
-    )
     finish_kwargs: dict[str, Any] = {
         "reply_id": accepted.reply_id,
         "content": sender.text,
@@ -296,14 +353,17 @@ async def _store(
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None,
         "usage_estimated": bool(usage and usage.estimated),
-        "cost_usd": cost,
+        "cost_usd": Decimal("0"),
         "error_code": result.error.code if result.error else "",
         "call_path": outcome.path if outcome else [],
         "moderation": result.verdict.as_json() if result.verdict else None,
         "cached": result.cached,
     }
+    priced = usage is not None and not result.cached
     # The store must happen even while this task is being cancelled again.
-    await asyncio.shield(database_sync_to_async(_finish_and_settle)(accepted, finish_kwargs))
+    cost = await asyncio.shield(
+        database_sync_to_async(_finish_and_settle)(accepted, finish_kwargs, priced=priced)
+    )
     metrics.reply_observed(
         model=model,
         outcome=result.finish_reason,
@@ -330,7 +390,18 @@ async def _store(
     }
 
 
-def _finish_and_settle(accepted: Accepted, finish_kwargs: dict[str, Any]) -> None:
+def _finish_and_settle(
+    accepted: Accepted, finish_kwargs: dict[str, Any], *, priced: bool
+) -> Decimal:
+    """Price, store and settle the reply in one trip to the database thread."""
+    if priced:
+        usage = Usage(
+            prompt_tokens=finish_kwargs["prompt_tokens"] or 0,
+            completion_tokens=finish_kwargs["completion_tokens"] or 0,
+        )
+        finish_kwargs["cost_usd"] = reply_cost(
+            model=finish_kwargs["model"], usage=usage, at=timezone.now()
+        )
     services.reply_finish(**finish_kwargs)
     if accepted.reservation is not None:
         limits.budget_settle(
@@ -339,3 +410,4 @@ def _finish_and_settle(accepted: Accepted, finish_kwargs: dict[str, Any]) -> Non
             tokens=(finish_kwargs["prompt_tokens"] or 0)
             + (finish_kwargs["completion_tokens"] or 0),
         )
+    return Decimal(finish_kwargs["cost_usd"])

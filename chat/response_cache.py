@@ -54,6 +54,17 @@ def response_key(*, plan: ModelPlan, version_id: int | None, history: list[ChatM
     return _KEY_PREFIX + hashlib.sha256(material.encode()).hexdigest()
 
 
+def last_resort_key(history: list[ChatMessage]) -> str:
+    """Return a key for the same question under any version or context.
+
+    Used only when every model has failed: an answer to the same question is
+    better than none, so the key ignores the version and earlier turns.
+    """
+    question = next((m.content for m in reversed(history) if m.role == "user"), "")
+    digest = hashlib.sha256(_normalise(question).casefold().encode()).hexdigest()
+    return _KEY_PREFIX + "any:" + digest
+
+
 def cache_enabled() -> bool:
     return bool(settings.CHAT_RESPONSE_CACHE) and not cache.get(_SWITCH_KEY)
 

@@ -159,3 +159,50 @@ def done_frame_for(reply: Message) -> dict[str, Any]:
         "ttft_ms": reply.ttft_ms,
         "latency_ms": reply.latency_ms,
     }
+
+
+def conversation_search(*, owner: Owner, query: str = "", limit: int = 100) -> list[dict[str, Any]]:
+    """Return the owner's conversations, newest first, matching `query` if given.
+
+    A conversation matches when its title or one of its visible messages
+    contains the query (case-insensitive). `titled` tells the page whether the
+    background titler has run yet, so it knows to look again shortly.
+    """
+    from django.db.models import Q
+
+    conversations = Conversation.objects.filter(owner.conversation_filter())
+    query = " ".join(query.split())[:200]
+    if query:
+        conversations = conversations.filter(
+            Q(title__icontains=query)
+            | Q(messages__content__icontains=query, messages__superseded_at__isnull=True)
+        ).distinct()
+    rows = conversations.order_by("-updated_at", "-id").values("id", "title", "updated_at")[:limit]
+    return [
+        {
+            "id": r["id"],
+            "title": r["title"] or "New chat",
+            "titled": bool(r["title"]),
+            "updated_at": r["updated_at"].isoformat(),
+        }
+        for r in rows
+    ]
+
+
+def reply_fallbacks(*, owner: Owner, message_ids: list[int]) -> set[int]:
+    """Return which of the owner's replies were answered by a fallback model.
+
+    A reply is a fallback answer when an earlier attempt in its call path
+    used another model than the one that answered.
+    """
+    rows = Message.objects.filter(
+        owner.conversation_filter("conversation__"),
+        id__in=message_ids,
+        role=Message.Role.ASSISTANT,
+    ).values_list("id", "model", "call_path")
+    fallbacks = set()
+    for message_id, model, call_path in rows:
+        tried = [step.get("model") for step in call_path or [] if isinstance(step, dict)]
+        if any(other and other != model for other in tried):
+            fallbacks.add(message_id)
+    return fallbacks

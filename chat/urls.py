@@ -8,6 +8,11 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("api/conversations/", views.conversations, name="conversations"),
     path(
+        "api/conversations/<int:conversation_id>/",
+        views.conversation_detail,
+        name="conversation-detail",
+    ),
+    path(
         "api/conversations/<int:conversation_id>/messages/",
         views.conversation_messages,
         name="conversation-messages",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.conf import settings
@@ -7,11 +8,17 @@ from django.contrib.auth import login
 from django.contrib.auth.forms import UserCreationForm
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET, require_http_methods
 
-from chat import selectors
-from chat.errors import ChatError, Forbidden
+from chat import selectors, services
+from chat.errors import ChatError, Forbidden, InvalidInput
 from chat.owners import Owner
+
+# What the page offers as reasons when no operator list is configured.
+DEFAULT_REASONS_UP = ["accurate", "helpful", "well written"]
+DEFAULT_REASONS_DOWN = ["inaccurate", "unhelpful", "unsafe", "too slow", "badly formatted", "other"]
+FEEDBACK_COMMENT_MAX_CHARS = 1000
 
 
 def owner_of(request: HttpRequest) -> Owner | None:
@@ -28,6 +35,7 @@ def error_response(exc: ChatError) -> JsonResponse:
 
 
 @require_GET
+@ensure_csrf_cookie
 def index(request: HttpRequest) -> HttpResponse:
     if not request.user.is_authenticated:
         if not settings.CHAT_ALLOW_ANONYMOUS:
@@ -44,8 +52,32 @@ def index(request: HttpRequest) -> HttpResponse:
             "model": settings.CHAT_MODEL,
             "is_demo": provider == "demo",
             "max_input_chars": settings.CHAT_MAX_INPUT_CHARS,
+            "page_config": page_config(),
         },
     )
+
+
+def _image_hosts() -> list[str]:
+    hosts = getattr(settings, "CHAT_IMAGE_HOSTS", None)
+    if hosts is None:
+        hosts = getattr(settings, "CHAT_IMG_HOSTS", [])
+    return [str(h) for h in hosts]
+
+
+def page_config() -> dict[str, Any]:
+    """Return the operator settings the page script reads (rendered with json_script)."""
+    return {
+        "reasons_up": list(getattr(settings, "FEEDBACK_REASONS_UP", DEFAULT_REASONS_UP)),
+        "reasons_down": list(getattr(settings, "FEEDBACK_REASONS_DOWN", DEFAULT_REASONS_DOWN)),
+        "comment_max_chars": getattr(
+            settings, "FEEDBACK_COMMENT_MAX_CHARS", FEEDBACK_COMMENT_MAX_CHARS
+        ),
+        # Markdown images load only from these hosts; any other image is shown
+        # as a link, never fetched (an image URL can carry data out).
+        # The CSP's img-src lists the same hosts (CHAT_IMG_HOSTS).
+        "image_hosts": [h.lower() for h in _image_hosts()],
+        "primary_model": settings.CHAT_MODEL,
+    }
 
 
 @require_GET
@@ -53,7 +85,47 @@ def conversations(request: HttpRequest) -> JsonResponse:
     owner = owner_of(request)
     if owner is None:
         return error_response(Forbidden("Please sign in to see your conversations."))
-    return JsonResponse({"conversations": selectors.conversation_list(owner=owner)})
+    query = request.GET.get("q", "")
+    return JsonResponse({"conversations": selectors.conversation_search(owner=owner, query=query)})
+
+
+@require_http_methods(["PATCH", "DELETE"])
+def conversation_detail(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    """Rename (PATCH {"title"}) or delete (DELETE) one of the caller's conversations."""
+    owner = owner_of(request)
+    if owner is None:
+        return error_response(Forbidden("Please sign in to change your conversations."))
+    try:
+        if request.method == "DELETE":
+            services.conversation_delete(owner=owner, conversation_id=conversation_id)
+            return HttpResponse(status=204)
+        title = _json_body(request).get("title")
+        conversation = services.conversation_rename(
+            owner=owner, conversation_id=conversation_id, title=title
+        )
+    except ChatError as exc:
+        return error_response(exc)
+    return JsonResponse({"id": conversation.pk, "title": conversation.title, "titled": True})
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise InvalidInput("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("The request body must be a JSON object.")
+    return body
+
+
+def _ratings_for(*, owner: Owner, message_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Return each reply's current rating by this owner, if feedback is installed."""
+    try:
+        from feedback.selectors import ratings_for  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return {}
+    found: dict[int, dict[str, Any]] = ratings_for(owner=owner, message_ids=message_ids)
+    return found
 
 
 @require_GET
@@ -65,6 +137,13 @@ def conversation_messages(request: HttpRequest, conversation_id: int) -> JsonRes
         messages = selectors.conversation_messages(owner=owner, conversation_id=conversation_id)
     except ChatError as exc:
         return error_response(exc)
+    reply_ids = [m["id"] for m in messages if m["role"] == "assistant"]
+    ratings = _ratings_for(owner=owner, message_ids=reply_ids)
+    fallbacks = selectors.reply_fallbacks(owner=owner, message_ids=reply_ids)
+    for message in messages:
+        if message["role"] == "assistant":
+            message["feedback"] = ratings.get(message["id"])
+            message["fallback"] = message["id"] in fallbacks
     return JsonResponse({"conversation": conversation_id, "messages": messages})
 
 

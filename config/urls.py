@@ -5,5 +5,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("chat.account_urls")),
     path("", include("monitoring.urls")),
+    path("", include("feedback.urls")),
     path("", include("chat.urls")),
 ]

@@ -66,7 +66,13 @@ def _fresh_cache() -> None:
     """Each test starts with empty rate-limit counters and caches."""
     from django.core.cache import cache
 
+    from chat import breaker
+
     cache.clear()
+    # The breaker remembers, per process, which models it has seen and
+    # trusts a "closed" answer briefly; a test starts with neither.
+    breaker._seen.clear()
+    breaker._trusted_closed.clear()
 
 
 @pytest.fixture

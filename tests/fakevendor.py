@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import re
 import signal
 import sys
 import threading
@@ -56,6 +57,7 @@ _WORDS = (
 
 OPENAI_PATH = "/v1/chat/completions"
 ANTHROPIC_PATH = "/v1/messages"
+MODERATIONS_PATH = "/v1/moderations"
 
 Finish = Literal["stop", "length", "content_filter"]
 
@@ -68,6 +70,19 @@ def reply_tokens(n: int) -> list[str]:
 def reply_text(n: int) -> str:
     """Return the deterministic reply of ``n`` tokens as one string."""
     return "".join(reply_tokens(n))
+
+
+def _text_tokens(text: str) -> list[str]:
+    """Split a custom reply into tokens: each word with the whitespace before it."""
+    return re.findall(r"\s*\S+", text) or [text]
+
+
+def _fault_tokens(fault: Fault, n: int) -> list[str]:
+    """Return the first ``n`` tokens of the fault's reply (custom text or lorem ipsum)."""
+    if fault.text is None:
+        return reply_tokens(n)
+    tokens = _text_tokens(fault.text)
+    return (tokens * (n // len(tokens) + 1))[:n]
 
 
 def prompt_tokens_for(body: dict[str, Any]) -> int:
@@ -125,6 +140,9 @@ class Fault:
     empty: bool = False  # 200 SSE with no events (OpenAI: only [DONE])
     not_json: bool = False  # 200 text/html body
     finish: Finish | None = None  # override; mapped to each vendor's vocabulary
+    # The reply's own text instead of the lorem-ipsum words, sent one word (with its
+    # leading space) per token; `tokens` then defaults to the number of words.
+    text: str | None = None
 
     # -- constructors ---------------------------------------------------------------
 
@@ -298,7 +316,12 @@ def _sse(data: Any, event: str | None = None) -> bytes:
 
 def _reply_length(req: _Request, fault: Fault, default_tokens: int) -> tuple[int, str]:
     """Return (tokens to send, natural finish) honouring the request's max tokens."""
-    wanted = fault.tokens if fault.tokens is not None else default_tokens
+    if fault.tokens is not None:
+        wanted = fault.tokens
+    elif fault.text is not None:
+        wanted = len(_text_tokens(fault.text))
+    else:
+        wanted = default_tokens
     body = req.body if isinstance(req.body, dict) else {}
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     if isinstance(limit, int) and limit < wanted:
@@ -395,7 +418,7 @@ def _openai_plan(req: _Request, fault: Fault, default_tokens: int, seq: int) -> 
     include_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
     cid = f"chatcmpl-fake{seq}"
     created = int(time.time())
-    words = reply_tokens(n)
+    words = _fault_tokens(fault, n)
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -449,7 +472,7 @@ def _anthropic_plan(req: _Request, fault: Fault, default_tokens: int, seq: int) 
     body = req.body if isinstance(req.body, dict) else {}
     model = str(body.get("model") or "claude-fake")
     n, natural = _reply_length(req, fault, default_tokens)
-    words = reply_tokens(n)
+    words = _fault_tokens(fault, n)
     stop_reason = {"stop": "end_turn", "length": "max_tokens", "content_filter": "refusal"}[
         fault.finish or natural
     ]
@@ -579,6 +602,11 @@ class FakeVendor:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._conn_tasks: set[asyncio.Task[None]] = set()
+        # POST /v1/moderations flags an input that contains one of these substrings
+        # (case-insensitive) under the mapped category; the inputs are kept in order.
+        # Moderation calls take no scripted fault and are not in `requests`.
+        self.moderation_flags: dict[str, str] = {}
+        self.moderation_inputs: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -837,6 +865,8 @@ class FakeVendor:
     ) -> bool:
         if req.path.startswith("/_fake/"):
             return await self._control(req, writer)
+        if req.path == MODERATIONS_PATH and req.method == "POST":
+            return await self._moderate(req, writer)
         fault = self._next_fault()
         with self._cond:
             record = RecordedRequest(
@@ -1063,7 +1093,7 @@ class FakeVendor:
         body = req.body if isinstance(req.body, dict) else {}
         n, natural = _reply_length(req, fault, self.tokens)
         finish = fault.finish or natural
-        text = reply_text(n)
+        text = "".join(_fault_tokens(fault, n))
         prompt = prompt_tokens_for(body)
         if is_openai:
             data: dict[str, Any] = {
@@ -1101,6 +1131,24 @@ class FakeVendor:
         record.tokens_sent = n
         await self._send_json(writer, record, 200, data)
         return True
+
+    async def _moderate(self, req: _Request, writer: asyncio.StreamWriter) -> bool:
+        """Answer like OpenAI's moderation endpoint, flagging `moderation_flags` matches."""
+        body = req.body if isinstance(req.body, dict) else {}
+        text = str(body.get("input", ""))
+        with self._cond:
+            self.moderation_inputs.append(text)
+            flags = dict(self.moderation_flags)
+        hits = {cat for term, cat in flags.items() if term.lower() in text.lower()}
+        categories = {c: c in hits for c in ("harassment", "hate", "violence", *sorted(hits))}
+        result = {
+            "flagged": bool(hits),
+            "categories": categories,
+            "category_scores": {c: (0.97 if hit else 0.001) for c, hit in categories.items()},
+        }
+        data = {"id": "modr-fake", "model": body.get("model"), "results": [result]}
+        await self._send_json(writer, None, 200, data)
+        return req.keep_alive
 
     async def _control(self, req: _Request, writer: asyncio.StreamWriter) -> bool:
         body = req.body if isinstance(req.body, dict) else {}

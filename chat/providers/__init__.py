@@ -14,10 +14,16 @@ __all__ = [
     "StreamOptions",
     "Usage",
     "provider_for",
+    "providers_aclose",
     "split_model",
+    "timeouts_for",
 ]
 
 KNOWN_PROVIDERS = ("demo", "openai", "anthropic")
+
+# One instance per vendor configuration and process: each holds a connection
+# pool, and a new pool per reply would pay a TCP (and TLS) handshake every time.
+_instances: dict[tuple[object, ...], Provider] = {}
 
 
 def split_model(spec: str) -> tuple[str, str]:
@@ -31,9 +37,22 @@ def split_model(spec: str) -> tuple[str, str]:
     return provider, model
 
 
+def timeouts_for(spec: str) -> dict[str, float]:
+    """Return this model's deadlines in seconds: connect, first_token, idle, total."""
+    timeouts = {
+        "connect": float(settings.CHAT_TIMEOUT_CONNECT_S),
+        "first_token": float(settings.CHAT_TIMEOUT_FIRST_TOKEN_S),
+        "idle": float(settings.CHAT_TIMEOUT_IDLE_S),
+        "total": float(settings.CHAT_TIMEOUT_TOTAL_S),
+    }
+    override = settings.CHAT_TIMEOUTS.get(spec) or {}
+    timeouts.update({k: float(v) for k, v in override.items() if k in timeouts})
+    return timeouts
+
+
 def provider_for(spec: str) -> Provider:
     """Return a ready provider for `provider:model`, configured from settings."""
-    provider, _model = split_model(spec)
+    provider, model = split_model(spec)
     if provider == "demo":
         from .demo import DemoProvider
 
@@ -42,4 +61,54 @@ def provider_for(spec: str) -> Provider:
             tokens_per_second=settings.CHAT_DEMO_TPS,
             reply_tokens=settings.CHAT_DEMO_REPLY_TOKENS,
         )
-    raise ValueError(f"provider {provider!r} is not wired in yet")
+    connect = timeouts_for(spec)["connect"]
+    if provider == "openai":
+        key: tuple[object, ...] = (
+            provider,
+            settings.OPENAI_API_KEY,
+            settings.OPENAI_BASE_URL,
+            connect,
+        )
+    else:
+        key = (provider, settings.ANTHROPIC_API_KEY, settings.ANTHROPIC_BASE_URL, connect)
+    made = _instances.get(key)
+    if made is None:
+        made = _instances[key] = _make(provider, model=model, connect=connect)
+    return made
+
+
+async def providers_aclose() -> None:
+    """Close the pooled connections of every provider this process made.
+
+    Call it before the event loop that used them ends (server shutdown, a test),
+    so the SDK clients are not left to close themselves on another loop.
+    """
+    for provider in list(_instances.values()):
+        aclose = getattr(provider, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _make(provider: str, *, model: str, connect: float) -> Provider:
+    # The SDK's read timeout is only a backstop: the call path enforces the
+    # first-token, idle-gap and whole-reply deadlines itself, per model.
+    backstop = 3600.0
+    if provider == "openai":
+        from .openai import OpenAIProvider
+
+        return OpenAIProvider(
+            model=model,
+            api_key=settings.OPENAI_API_KEY or None,
+            base_url=settings.OPENAI_BASE_URL or None,
+            connect_timeout=connect,
+            read_timeout=backstop,
+        )
+    from .anthropic import AnthropicProvider
+
+    return AnthropicProvider(
+        model=model,
+        api_key=settings.ANTHROPIC_API_KEY or None,
+        base_url=settings.ANTHROPIC_BASE_URL or None,
+        connect_timeout=connect,
+        read_timeout=backstop,
+    )

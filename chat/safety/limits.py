@@ -1,11 +1,52 @@
-"""Rate limits, daily budgets and abuse blocks, checked before a message is stored."""
+"""Rate limits, daily budgets and abuse blocks, checked before a message is stored.
+
+`check_send_limits` runs once per `chat.send`, in this order:
+
+1. an active `AbuseBlock` on the user (or, for anonymous visitors, on the
+   session or the IP) refuses with `Forbidden`, saying when it ends;
+2. django-ratelimit counts the message per user (`CHAT_RATELIMIT_USER`) or per
+   IP for anonymous visitors (`CHAT_RATELIMIT_ANON`) and refuses with
+   `RateLimited` and the seconds until its window resets; each refusal is a
+   violation;
+3. the daily budget (`CHAT_DAILY_BUDGET_USD`, `CHAT_DAILY_BUDGET_TOKENS`) is
+   reserved with one atomic cache increment, so parallel sends cannot spend
+   past it; `budget_settle` later swaps the reservation for the real cost.
+
+Counters live in the `ratelimit` cache: the SQLite file shared by the
+embedded processes, or Redis in the scaled mode, so they hold exactly across
+processes. When that cache is down, limits fail open to a per-process
+fallback (docs/decisions/0004-ratelimit-when-redis-is-down.md).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, Decimal
 
+from django.conf import settings
+from django.core.cache import BaseCache, caches
+from django.db.models import Sum
+from django.http import HttpRequest
+from django.utils import timezone
+from django_ratelimit.core import get_usage
+
+from chat.errors import BudgetExceeded, Forbidden, RateLimited
+from chat.models import AbuseBlock, Message
 from chat.owners import Owner
+from monitoring import metrics
+
+logger = logging.getLogger(__name__)
+
+_MICRO = Decimal("1000000")
+_ZERO = Decimal("0")
+RATELIMIT_GROUP = "chat.send"
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,18 +56,321 @@ class Reservation:
     owner_key: str
     usd: Decimal = Decimal("0")
     tokens: int = 0
+    # Who the budget is counted for ("u:<id>" or "ip:<addr>") and on which UTC day.
+    subject: str = ""
+    day: str = ""
 
 
-def check_send_limits(*, owner: Owner, client_ip: str) -> Reservation:
-    """Raise RateLimited / BudgetExceeded / Forbidden, or return a reservation."""
-    return Reservation(owner_key=owner.key)
+# --- the counter store ----------------------------------------------------------
+
+
+def _counters() -> BaseCache:
+    return caches[getattr(settings, "RATELIMIT_USE_CACHE", "default")]
+
+
+def _add_and_incr(key: str, delta: int, *, timeout: float) -> int | None:
+    """Atomically add `delta` to a counter (created at 0); None when the store is down."""
+    cache = _counters()
+    for _ in range(2):
+        try:
+            cache.add(key, 0, timeout)
+            return int(cache.incr(key, delta))
+        except ValueError:
+            # Expired between add and incr, or the store is down: try once more.
+            continue
+    return None
+
+
+# --- blocks ---------------------------------------------------------------------
+
+
+def _subjects(owner: Owner, client_ip: str) -> list[str]:
+    """Return who a violation or a block applies to: the user, or the anonymous IP."""
+    if not owner.is_anonymous:
+        return [owner.key]
+    return [owner.key, f"ip:{client_ip}"] if client_ip else [owner.key]
+
+
+def abuse_block_active(*, subjects: list[str]) -> AbuseBlock | None:
+    """Return the active block that ends last among these subjects, if any."""
+    return (
+        AbuseBlock.objects.filter(
+            subject__in=subjects, lifted_at__isnull=True, expires_at__gt=timezone.now()
+        )
+        .order_by("-expires_at")
+        .first()
+    )
+
+
+def abuse_block_create(*, subject: str, reason: str, seconds: int) -> AbuseBlock:
+    block = AbuseBlock.objects.create(
+        subject=subject, reason=reason, expires_at=timezone.now() + timedelta(seconds=seconds)
+    )
+    logger.warning("abuse block on %s for %ss: %s", subject.split(":")[0], seconds, reason)
+    return block
+
+
+def abuse_block_lift(*, block_ids: list[int], by_user_id: int | None) -> int:
+    """Lift these blocks now and forget their subjects' violations; return how many."""
+    blocks = AbuseBlock.objects.filter(pk__in=block_ids, lifted_at__isnull=True)
+    subjects = list(blocks.values_list("subject", flat=True))
+    lifted = blocks.update(lifted_at=timezone.now(), lifted_by_id=by_user_id)
+    cache = _counters()
+    for subject in subjects:
+        cache.delete(_violation_key(subject))
+    return lifted
+
+
+def _violation_key(subject: str) -> str:
+    return f"abuse:violations:{subject}"
+
+
+def record_violation(*, owner: Owner, client_ip: str, kind: str) -> None:
+    """Count a violation (a rate-limit hit, a blocked input) towards a block.
+
+    The `CHAT_ABUSE_THRESHOLD`-th violation within `CHAT_ABUSE_WINDOW_SECONDS`
+    blocks the user (an anonymous visitor: the IP) for
+    `CHAT_ABUSE_BLOCK_SECONDS`. The counter is exact across processes, so the
+    block is made once, by whichever process counted the threshold.
+    """
+    subject = _subjects(owner, client_ip)[-1]
+    count = _add_and_incr(_violation_key(subject), 1, timeout=settings.CHAT_ABUSE_WINDOW_SECONDS)
+    if count is not None and count == settings.CHAT_ABUSE_THRESHOLD:
+        abuse_block_create(
+            subject=subject,
+            reason=f"{count} violations in {settings.CHAT_ABUSE_WINDOW_SECONDS}s (last: {kind})",
+            seconds=settings.CHAT_ABUSE_BLOCK_SECONDS,
+        )
+
+
+def _check_not_blocked(owner: Owner, client_ip: str) -> None:
+    block = abuse_block_active(subjects=_subjects(owner, client_ip))
+    if block is None:
+        return
+    left = max(1.0, (block.expires_at - timezone.now()).total_seconds())
+    raise Forbidden(
+        "You are temporarily blocked after repeated violations of the usage policy. "
+        f"The block ends at {block.expires_at:%H:%M} UTC, in {_duration(left)}.",
+        retry_after=left,
+    )
+
+
+# --- rate limits ----------------------------------------------------------------
+
+
+class _LocalWindows:
+    """Fixed-window counters in this process: the fallback while the cache is down.
+
+    With N processes this lets through at most N times the rate, which is the
+    price of keeping chat up through a Redis outage (decision 0004).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def hit(self, key: str, limit: int, period: int) -> tuple[bool, float]:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._windows) > 10_000:
+                self._windows = {k: v for k, v in self._windows.items() if v[0] > now}
+            ends, count = self._windows.get(key, (now + period, 0))
+            if ends <= now:
+                ends, count = now + period, 0
+            count += 1
+            self._windows[key] = (ends, count)
+        return count > limit, ends - now
+
+
+_local = _LocalWindows()
+
+
+def _user_rate(group: str, request: HttpRequest) -> str:
+    return str(settings.CHAT_RATELIMIT_USER)
+
+
+def _anon_rate(group: str, request: HttpRequest) -> str:
+    return str(settings.CHAT_RATELIMIT_ANON)
+
+
+def _check_rate(owner: Owner, client_ip: str) -> None:
+    request = HttpRequest()
+    request.META["REMOTE_ADDR"] = client_ip or "0.0.0.0"  # noqa: S104 - a key, not a bind
+    user_id = str(owner.user_id)
+
+    def user_key(group: str, request: HttpRequest) -> str:
+        return user_id
+
+    key: str | Callable[[str, HttpRequest], str]
+    if owner.is_anonymous:
+        scope, key, rate = "anon", "ip", _anon_rate
+    else:
+        scope, key, rate = "user", user_key, _user_rate
+    usage = get_usage(request, group=RATELIMIT_GROUP, key=key, rate=rate, increment=True)
+    if usage is None:
+        if not getattr(settings, "RATELIMIT_ENABLE", True):
+            return
+        # The counter store is down and RATELIMIT_FAIL_OPEN is on.
+        limit, period = parse_rate(rate(RATELIMIT_GROUP, request))
+        subject = _subjects(owner, client_ip)[-1]
+        limited, time_left = _local.hit(subject, limit, period)
+    elif usage["time_left"] < 0 and usage["limit"] == 0:
+        # django-ratelimit's fail-closed answer: the store is down.
+        limited, time_left = True, 60.0
+    else:
+        limited, time_left = bool(usage["should_limit"]), float(usage["time_left"])
+    if not limited:
+        return
+    metrics.ratelimited(scope)
+    record_violation(owner=owner, client_ip=client_ip, kind="rate_limited")
+    wait = max(1, math.ceil(time_left))
+    raise RateLimited(
+        f"You are sending messages too quickly. Please wait {_duration(wait)} and try again.",
+        retry_after=wait,
+    )
+
+
+def parse_rate(rate: str) -> tuple[int, int]:
+    """Return (count, period in seconds) for a django-ratelimit rate like "20/m" or "5/10m"."""
+    count, _, per = rate.partition("/")
+    unit = per[-1:] if per[-1:] in "smhd" else "s"
+    multiplier = int(per[:-1] or 1) if per[-1:] in "smhd" else int(per or 1)
+    return int(count), multiplier * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+# --- daily budget ---------------------------------------------------------------
+
+
+def _next_midnight(now: datetime) -> datetime:
+    return datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+
+
+def _budget_key(kind: str, subject: str, day: str) -> str:
+    return f"budget:{kind}:{subject}:{day}"
+
+
+def _micro_usd(usd: Decimal) -> int:
+    return int((usd * _MICRO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def _budget_caps() -> tuple[Decimal | None, int | None]:
+    usd_setting = str(settings.CHAT_DAILY_BUDGET_USD or "").strip()
+    usd = Decimal(usd_setting) if usd_setting else None
+    tokens = settings.CHAT_DAILY_BUDGET_TOKENS
+    return usd, tokens
+
+
+def _spent_today_in_db(owner: Owner, since: datetime) -> tuple[Decimal, int]:
+    """Return today's spend from the stored replies: the fallback when the cache is down."""
+    totals = Message.objects.filter(
+        owner.conversation_filter("conversation__"),
+        role=Message.Role.ASSISTANT,
+        created_at__gte=since,
+    ).aggregate(
+        usd=Sum("cost_usd"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens")
+    )
+    return totals["usd"] or Decimal("0"), (totals["prompt"] or 0) + (totals["completion"] or 0)
+
+
+def _reserve_budget(owner: Owner, client_ip: str) -> Reservation:
+    cap_usd, cap_tokens = _budget_caps()
+    subject = owner.key if not owner.is_anonymous else f"ip:{client_ip or owner.key}"
+    if cap_usd is None and cap_tokens is None:
+        return Reservation(owner_key=owner.key)
+    now = timezone.now().astimezone(UTC)
+    midnight = _next_midnight(now)
+    day = now.strftime("%Y%m%d")
+    ttl = (midnight - now).total_seconds() + 3600
+    want_usd = Decimal(str(settings.CHAT_BUDGET_RESERVE_USD)) if cap_usd is not None else None
+    want_tokens = settings.CHAT_BUDGET_RESERVE_TOKENS if cap_tokens is not None else 0
+
+    held: list[tuple[str, int]] = []  # undone if a later cap refuses
+    exceeded = False
+    fell_back = False
+    for kind, cap, amount in (
+        ("usd", None if cap_usd is None else _micro_usd(cap_usd), _micro_usd(want_usd or _ZERO)),
+        ("tokens", cap_tokens, want_tokens),
+    ):
+        if cap is None:
+            continue
+        key = _budget_key(kind, subject, day)
+        total = _add_and_incr(key, amount, timeout=ttl)
+        if total is None:
+            fell_back = True
+            continue
+        held.append((key, amount))
+        if total > cap:
+            exceeded = True
+            break
+    if fell_back and not exceeded and not owner.is_anonymous:
+        # The counter store is down: check what is already spent instead
+        # (exact but not reserved, so parallel sends may overshoot a little).
+        start_of_day = midnight - timedelta(days=1)
+        spent_usd, spent_tokens = _spent_today_in_db(owner, start_of_day)
+        exceeded = (cap_usd is not None and spent_usd >= cap_usd) or (
+            cap_tokens is not None and spent_tokens >= cap_tokens
+        )
+    if exceeded:
+        cache = _counters()
+        for key, amount in held:
+            _safe_incr(cache, key, -amount)
+        left = (midnight - timezone.now()).total_seconds()
+        raise BudgetExceeded(
+            "You have reached today's usage limit. It resets at midnight UTC, "
+            f"in {_duration(left)}.",
+            retry_after=max(1.0, left),
+        )
+    return Reservation(
+        owner_key=owner.key,
+        usd=want_usd or Decimal("0"),
+        tokens=want_tokens,
+        subject=subject,
+        day=day,
+    )
+
+
+def _safe_incr(cache: BaseCache, key: str, delta: int) -> None:
+    if delta == 0:
+        return
+    # A missing key: the day rolled over or the store is down; nothing to correct.
+    with contextlib.suppress(ValueError):
+        cache.incr(key, delta)
 
 
 def budget_settle(*, reservation: Reservation, cost_usd: Decimal, tokens: int) -> None:
     """Replace the reservation with what the reply really cost."""
-    return None
+    if not reservation.day:
+        return
+    cache = _counters()
+    cap_usd, cap_tokens = _budget_caps()
+    if cap_usd is not None:
+        delta = _micro_usd(Decimal(cost_usd)) - _micro_usd(reservation.usd)
+        _safe_incr(cache, _budget_key("usd", reservation.subject, reservation.day), delta)
+    if cap_tokens is not None:
+        _safe_incr(
+            cache,
+            _budget_key("tokens", reservation.subject, reservation.day),
+            tokens - reservation.tokens,
+        )
 
 
-def record_violation(*, owner: Owner, client_ip: str, kind: str) -> None:
-    """Count a violation (a rate-limit hit, a blocked input) towards a block."""
-    return None
+# --- the one entry point --------------------------------------------------------
+
+
+def check_send_limits(*, owner: Owner, client_ip: str) -> Reservation:
+    """Raise RateLimited / BudgetExceeded / Forbidden, or return a reservation."""
+    _check_not_blocked(owner, client_ip)
+    _check_rate(owner, client_ip)
+    return _reserve_budget(owner, client_ip)
+
+
+def _duration(seconds: float) -> str:
+    """Return "45 seconds", "3 minutes" or "2 hours 5 minutes" for a wait."""
+    seconds = max(1, math.ceil(seconds))
+    if seconds < 90:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} minutes"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} hour{'s' if hours != 1 else ''} {minutes} minute{'s' if minutes != 1 else ''}"

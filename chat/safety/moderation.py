@@ -1,8 +1,41 @@
-"""Moderation of what users send and what models answer, behind one interface."""
+"""Moderation of what users send and what models answer, behind one interface.
+
+A `Moderator` turns text into a `Verdict` (flagged) or None. Two exist:
+
+- `RulesModerator`, built in, no network: categories of weighted patterns
+  (the hostile *shape*, e.g. "how to build a pipe bomb", not the topic) and
+  word lists (weak hints that only flag together), matched on text folded the
+  same way as the injection heuristics (NFKC, invisible characters removed,
+  casefolded, accents and leet undone).
+- `OpenAIModerator`, the `/moderations` endpoint of `OPENAI_BASE_URL`, when
+  `CHAT_MODERATION_OPENAI` is on. It runs after the rules pass. When it
+  cannot be reached the rules' answer stands (fail open to the rules, with a
+  warning), so a vendor outage does not stop every reply.
+
+`moderate_input` judges the user's message once. `OutputGate` sits between
+the model and the socket: it holds the reply back in windows (a sentence, or
+`CHAT_MODERATION_WINDOW_TOKENS` tokens / `CHAT_MODERATION_WINDOW_CHARS`
+characters, whichever first), judges each window together with the tail of
+what was already released (so a phrase split across two windows is still
+seen whole), and releases only judged text. On a flag it raises `Moderated`
+and the held window is dropped, so flagged text never reaches the browser.
+Per chunk it only scans the new characters for a sentence end; patterns run
+once per window (docs/decisions/0007-moderation-window.md).
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+from django.conf import settings
+
+from chat.safety.injection import _fold_keep_lines, _squash
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,18 +56,412 @@ class Moderated(Exception):
         self.verdict = verdict
 
 
+class Moderator(Protocol):
+    async def check(self, text: str, *, stage: str) -> Verdict | None:
+        """Return a verdict when `text` is flagged, else None."""
+        ...
+
+
+# --- the rules ----------------------------------------------------------------
+
+_HOW = (
+    r"(?:how\s+(?:do|can|could|would|should)\s+(?:i|we|you|one)|how\s+to|steps?\s+to|"
+    r"instructions?\s+(?:for|to|on)|guide\s+(?:to|for)|recipe\s+for|tutorial\s+(?:for|on)|"
+    r"teach\s+me\s+(?:how\s+)?to|show\s+me\s+how\s+to|help\s+me|best\s+way\s+to|"
+    r"easiest\s+way\s+to|ways?\s+to)"
+)
+_WEAPON = (
+    r"(?:pipe\s*bombs?|(?<!bath\s)(?<!photo\s)bombs?|car\s+bombs?|nail\s+bombs?|dirty\s+bombs?|"
+    r"ieds?|explosive\s+devices?|explosives|detonators?|molotov\s+cocktails?|molotovs?|"
+    r"nerve\s+agents?|sarin|ricin|vx\s+gas|mustard\s+gas|napalm|grenades?|ghost\s+guns?|"
+    r"untraceable\s+guns?|silencers?\s+for\s+a\s+(?:gun|rifle|pistol))"
+)
+_BUILD = r"(?:make|build|assemble|construct|create|manufacture|synthesi[sz]e|cook|produce)"
+_PERSON = (
+    r"(?:(?:my|a|the|his|her|their|our|your)\s+)?(?:wife|husband|partner|neighbou?r|boss|"
+    r"teacher|child|kid|baby|family|mother|father|mom|mum|dad|brother|sister|girlfriend|"
+    r"boyfriend|ex|coworker|co-worker|classmate|roommate|someone|somebody|people|person|"
+    r"him|her|them|a\s+human|humans|a\s+man|a\s+woman|cops?|police\s+officers?)"
+)
+_GROUP = (
+    r"(?:jews|jewish\s+people|muslims|christians|blacks|black\s+people|whites|white\s+people|"
+    r"asians|arabs|mexicans|immigrants|migrants|refugees|gays|gay\s+people|lesbians|"
+    r"trans\s+people|transgender\s+people|hindus|sikhs|roma|gypsies|africans|"
+    r"chinese\s+people|indians|latinos|disabled\s+people|women)"
+)
+_MINOR = (
+    r"(?:child|children|childs|kid|kids|minor|minors|underage|under-age|preteens?|pre-teens?|"
+    r"toddlers?|infants?|schoolgirls?|schoolboys?|little\s+(?:girls?|boys?)|"
+    r"(?:[1-9]|1[0-7])\s*-?\s*(?:year|yr)s?\s*-?\s*olds?|lolis?|shotas?)"
+)
+_SEXUAL = (
+    r"(?:sexual(?:ly)?\s+(?:explicit|acts?|content|stor(?:y|ies)|role-?play|images?|photos?|"
+    r"pictures?|videos?|fantas(?:y|ies))|nudes?|naked|porn\w*|erotic\w*|explicit|intercourse|"
+    r"molest\w*|rape|raping|fondl\w*|aroused|orgasm\w*|masturbat\w*|sexting|sext|nsfw|lewd|"
+    r"(?:have|having|had)\s+sex|sex\s+with)"
+)
+_MALWARE = (
+    r"(?:keyloggers?|ransomware|trojans?|rootkits?|botnets?|info-?stealers?|"
+    r"(?:credential|password|cookie|token)\s+stealers?|remote\s+access\s+trojans?|"
+    r"cryptojackers?|malware|(?:computer\s+)?virus(?!\s*(?:scanner|detection|removal|"
+    r"protection|signatures?|definitions?))|backdoors?|spyware|worms?\s+that)"
+)
+_SECRETS = (
+    r"(?:passwords?|credentials|logins?|login\s+details|cookies|session\s+(?:tokens?|cookies)|"
+    r"credit\s+card\s+(?:numbers?|details)|card\s+numbers|2fa\s+codes?|otp\s+codes?|"
+    r"seed\s+phrases?|private\s+keys|bank\s+(?:logins?|details))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Category:
+    name: str
+    patterns: tuple[tuple[re.Pattern[str], float], ...]
+    words: re.Pattern[str] | None
+    word_weight: float = 0.2
+
+
+def _category(
+    name: str, patterns: list[tuple[str, float]], words: list[str] | None = None
+) -> _Category:
+    word_re = (
+        re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b") if words else None
+    )
+    return _Category(name, tuple((re.compile(p), w) for p, w in patterns), word_re)
+
+
+CATEGORIES: tuple[_Category, ...] = (
+    _category(
+        "violence",
+        [
+            (rf"\b{_HOW}\s+(?:\w+\s+){{0,3}}?{_BUILD}\s+(?:\w+\s+){{0,3}}?{_WEAPON}\b", 0.9),
+            (
+                rf"\b(?:to\s+)?{_BUILD}\w*\s+(?:a\s+|an\s+|the\s+|your\s+)?(?:own\s+)?"
+                r"(?:pipe\s*bomb|car\s+bomb|nail\s+bomb|dirty\s+bomb|ied|explosive\s+device|"
+                r"molotov\s+cocktail|nerve\s+agent)s?\b",
+                0.75,
+            ),
+            (
+                r"\b(?:pack|fill|stuff)\w*\s+(?:the\s+|a\s+)?(?:pipe|casing|container|bottle)\s+"
+                r"with\s+(?:\w+\s+){0,2}?(?:explosive|black\s+powder|gunpowder|shrapnel|nails)",
+                0.85,
+            ),
+            (
+                rf"\b{_HOW}\s+(?:\w+\s+){{0,2}}?(?:kill|murder|poison|strangle|stab|shoot|"
+                rf"behead|torture|kidnap)\s+{_PERSON}\b",
+                0.85,
+            ),
+            (
+                r"\b(?:shoot\s+up|bomb|blow\s+up|attack|massacre)\s+(?:a|the|my|our|this)\s+"
+                r"(?:school|church|mosque|synagogue|temple|mall|concert|crowd|parade|hospital)\b",
+                0.85,
+            ),
+            (
+                r"\b(?:kill|murder|poison)\w*\s+(?:\w+\s+){0,4}?without\s+(?:getting\s+)?"
+                r"(?:caught|detected|leaving\s+(?:a\s+|any\s+)?(?:trace|evidence))",
+                0.85,
+            ),
+        ],
+        [
+            "detonator",
+            "blasting cap",
+            "shrapnel",
+            "tatp",
+            "anfo",
+            "black powder",
+            "nerve agent",
+            "kill list",
+            "hitman",
+            "untraceable",
+        ],
+    ),
+    _category(
+        "self-harm",
+        [
+            (
+                rf"\b{_HOW}\s+(?:\w+\s+){{0,2}}?(?:kill\s+myself|end\s+my\s+(?:own\s+)?life|"
+                r"commit\s+suicide|suicide|hang\s+myself|overdose|cut\s+myself|"
+                r"slit\s+my\s+wrists|starve\s+myself)\b",
+                0.9,
+            ),
+            (
+                r"\b(?:you\s+should|go|just\s+go\s+and|why\s+don'?t\s+you)\s+(?:just\s+)?"
+                r"(?:kill\s+yourself|end\s+your\s+(?:own\s+)?life|commit\s+suicide|"
+                r"hang\s+yourself|slit\s+your\s+wrists)\b|\bkys\b",
+                0.85,
+            ),
+            (
+                r"\b(?:painless|quick|quickest|easy|easiest|best|surest)\s+(?:way|method)s?\s+"
+                r"(?:to|of)\s+(?:die|dying|suicide|killing\s+(?:myself|yourself))\b",
+                0.9,
+            ),
+        ],
+        ["suicide note", "noose", "lethal dose", "fatal dose", "slit", "wrists", "pills to die"],
+    ),
+    _category(
+        "hate",
+        [
+            (
+                rf"\b(?:all\s+|the\s+)?{_GROUP}\s+(?:should|must|need\s+to|deserve\s+to|"
+                r"ought\s+to|have\s+to)\s+(?:all\s+)?(?:die|be\s+(?:killed|exterminated|"
+                r"eradicated|wiped\s+out|gassed|lynched|burned|shot|hanged))\b",
+                0.9,
+            ),
+            (
+                r"\b(?:kill|exterminate|eradicate|gas|wipe\s+out|lynch|burn)\s+"
+                rf"(?:all\s+(?:the\s+)?|every\s+(?:last\s+)?)?{_GROUP}\b",
+                0.85,
+            ),
+            (
+                rf"\b{_GROUP}\s+(?:are|r)\s+(?:(?:just|all|nothing\s+but|like|no\s+better\s+than)"
+                r"\s+)*(?:vermin|subhuman|sub-human|animals|cockroaches|rats|parasites|"
+                r"a\s+disease|a\s+plague|a\s+cancer|filth|savages|insects)\b",
+                0.8,
+            ),
+        ],
+        [
+            "subhuman",
+            "untermensch",
+            "vermin",
+            "ethnic cleansing",
+            "final solution",
+            "race war",
+            "white genocide",
+            "great replacement",
+            "mongrel",
+        ],
+    ),
+    _category(
+        "sexual/minors",
+        [
+            (rf"\b{_MINOR}\b(?:\W+\w+){{0,6}}?\W+{_SEXUAL}\b", 0.9),
+            (rf"\b{_SEXUAL}\b(?:\W+\w+){{0,6}}?\W+{_MINOR}\b", 0.9),
+        ],
+        ["csam", "jailbait", "lolicon", "shotacon", "pedo", "pedophile", "paedophile"],
+    ),
+    _category(
+        "illicit",
+        [
+            (
+                r"\b(?:write|create|code|build|make|develop|generate|program|give\s+me|"
+                r"send\s+me|design)\s+(?:me\s+)?(?:a\s+|an\s+|some\s+|the\s+)?"
+                rf"(?:\w+\s+){{0,2}}?{_MALWARE}",
+                0.85,
+            ),
+            (
+                r"\b(?:steal|stealing|harvest|harvesting|exfiltrate|exfiltrating|phish|phishing)"
+                rf"\s+(?:\w+\s+){{0,3}}?{_SECRETS}\b",
+                0.75,
+            ),
+            (
+                r"\bphishing\s+(?:page|site|website|kit|e-?mail|campaign|link|template)s?\b",
+                0.5,
+            ),
+            (
+                r"\b(?:evade|evading|bypass|bypassing|disable|disabling|avoid)\s+(?:the\s+)?"
+                r"(?:antivirus|anti-virus|edr|windows\s+defender|av\s+detection|"
+                r"malware\s+detection)\b",
+                0.6,
+            ),
+            (r"\bdump\w*\s+(?:the\s+)?lsass\b|\bcredential\s+stuffing\s+(?:attack|list)s?\b", 0.5),
+        ],
+        [
+            "keylogger",
+            "ransomware",
+            "infostealer",
+            "mimikatz",
+            "lsass",
+            "credential stuffing",
+            "carding",
+            "fullz",
+            "cvv dumps",
+            "botnet",
+            "c2 server",
+            "reverse shell",
+            "exfiltrate",
+            "obfuscate",
+        ],
+    ),
+)
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def rules_scores(text: str) -> dict[str, float]:
+    """Return each category's score in [0, 1] for `text` (noisy-OR of what matched)."""
+    folded = _WHITESPACE.sub(" ", _fold_keep_lines(text)).strip()
+    squashed = _squash(folded)
+    variants = (folded,) if squashed == folded else (folded, squashed)
+    scores: dict[str, float] = {}
+    for category in CATEGORIES:
+        remaining = 1.0
+        for pattern, weight in category.patterns:
+            if any(pattern.search(v) for v in variants):
+                remaining *= 1.0 - weight
+        if category.words is not None:
+            found = {m.group() for v in variants for m in category.words.finditer(v)}
+            remaining *= (1.0 - category.word_weight) ** len(found)
+        score = round(1.0 - remaining, 4)
+        if score > 0:
+            scores[category.name] = score
+    return scores
+
+
+class RulesModerator:
+    """The built-in moderator: weighted patterns and word lists per category."""
+
+    def __init__(self, *, threshold: float) -> None:
+        self.threshold = threshold
+
+    def check_now(self, text: str, *, stage: str) -> Verdict | None:
+        scores = rules_scores(text)
+        if not scores:
+            return None
+        category, score = max(scores.items(), key=lambda item: item[1])
+        return Verdict(stage, category, score) if score >= self.threshold else None
+
+    async def check(self, text: str, *, stage: str) -> Verdict | None:
+        return self.check_now(text, stage=stage)
+
+
+class OpenAIModerator:
+    """The OpenAI moderation endpoint (`POST {base_url}/moderations`)."""
+
+    def __init__(self, *, base_url: str, api_key: str, model: str, timeout: float) -> None:
+        self.url = base_url.rstrip("/") + "/moderations"
+        self.api_key = api_key
+        self.model = model
+        self.timeout = timeout
+
+    async def check(self, text: str, *, stage: str) -> Verdict | None:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                response = await client.post(
+                    self.url, json={"model": self.model, "input": text}, headers=headers
+                )
+                response.raise_for_status()
+                result = response.json()["results"][0]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            # The rules have already passed this text; an unreachable vendor
+            # must not stop every reply (docs/decisions/0007-moderation-window.md).
+            logger.warning(
+                "moderation endpoint failed (%s); rules verdict stands", type(exc).__name__
+            )
+            return None
+        if not isinstance(result, dict) or not result.get("flagged"):
+            return None
+        flagged = [name for name, hit in (result.get("categories") or {}).items() if hit]
+        scores = result.get("category_scores") or {}
+        if not flagged:
+            return Verdict(stage, "flagged", 1.0)
+        category = max(flagged, key=lambda name: float(scores.get(name) or 0.0))
+        return Verdict(stage, category, float(scores.get(category) or 1.0))
+
+
+class ModeratorChain:
+    """Ask each moderator in turn; the first verdict wins."""
+
+    def __init__(self, moderators: list[Moderator]) -> None:
+        self.moderators = moderators
+
+    async def check(self, text: str, *, stage: str) -> Verdict | None:
+        for moderator in self.moderators:
+            verdict = await moderator.check(text, stage=stage)
+            if verdict is not None:
+                return verdict
+        return None
+
+
+def moderator_from_settings() -> Moderator:
+    """Return the configured moderator: the rules, then OpenAI when enabled."""
+    rules = RulesModerator(threshold=settings.CHAT_MODERATION_THRESHOLD)
+    if not settings.CHAT_MODERATION_OPENAI:
+        return rules
+    openai = OpenAIModerator(
+        base_url=getattr(settings, "OPENAI_BASE_URL", None) or "https://api.openai.com/v1",
+        api_key=getattr(settings, "OPENAI_API_KEY", "") or "",
+        model=settings.CHAT_MODERATION_OPENAI_MODEL,
+        timeout=settings.CHAT_MODERATION_OPENAI_TIMEOUT_S,
+    )
+    return ModeratorChain([rules, openai])
+
+
 async def moderate_input(text: str) -> Verdict | None:
     """Return a verdict when the user's message is flagged, else None."""
-    return None
+    return await moderator_from_settings().check(text, stage="input")
+
+
+# A sentence ends at . ! ? … (and CJK stops), after any closing quotes or
+# brackets, when whitespace follows; a line break always ends a window.
+_SENTENCE_END = re.compile(
+    r"[.!?\u2026\u3002\uff01\uff1f]['\"\u2019\u201d)\]]*(?=\s)|[\u3002\uff01\uff1f]|\n"
+)
+# How far back a new chunk's scan starts, for an end split across chunks.
+_SCAN_OVERLAP = 4
 
 
 class OutputGate:
     """Hold the reply back until each window of it has been moderated."""
 
+    def __init__(
+        self,
+        moderator: Moderator | None = None,
+        *,
+        window_tokens: int | None = None,
+        window_chars: int | None = None,
+        context_chars: int | None = None,
+    ) -> None:
+        self.moderator = moderator or moderator_from_settings()
+        self.window_tokens = max(1, window_tokens or settings.CHAT_MODERATION_WINDOW_TOKENS)
+        self.window_chars = max(1, window_chars or settings.CHAT_MODERATION_WINDOW_CHARS)
+        self.context_chars = (
+            settings.CHAT_MODERATION_CONTEXT_CHARS if context_chars is None else context_chars
+        )
+        self._held = ""
+        self._held_tokens = 0
+        self._scanned = 0  # no sentence end in _held before this index
+        self._context = ""  # the tail of what was released
+
     async def feed(self, chunk: str) -> list[str]:
         """Return the text that is now safe to show; raise Moderated on a flag."""
-        return [chunk]
+        if not chunk:
+            return []
+        self._held += chunk
+        self._held_tokens += 1
+        released: list[str] = []
+        while (cut := self._cut_point()) is not None:
+            released.append(await self._release(cut))
+        return released
 
     async def finish(self) -> list[str]:
         """Moderate and return whatever is still held back."""
-        return []
+        if not self._held:
+            return []
+        return [await self._release(len(self._held))]
+
+    def _cut_point(self) -> int | None:
+        held = self._held
+        match = _SENTENCE_END.search(held, max(0, self._scanned - _SCAN_OVERLAP))
+        if match is not None and match.end() <= self.window_chars:
+            return match.end()
+        self._scanned = len(held)
+        if len(held) < self.window_chars and self._held_tokens < self.window_tokens:
+            return None
+        # No sentence end within bounds: cut at the last space, never mid-word
+        # unless one "word" fills the whole window.
+        limit = min(len(held), self.window_chars)
+        space = held.rfind(" ", 1, limit)
+        return space if space > 0 else limit
+
+    async def _release(self, cut: int) -> str:
+        window, rest = self._held[:cut], self._held[cut:]
+        verdict = await self.moderator.check(self._context + window, stage="output")
+        if verdict is not None:
+            raise Moderated(verdict)
+        self._held = rest
+        self._held_tokens = 1 if rest else 0
+        self._scanned = 0
+        if self.context_chars:
+            self._context = (self._context + window)[-self.context_chars :]
+        return window

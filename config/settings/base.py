@@ -42,6 +42,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "chat.safety.headers.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -89,6 +90,10 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": DATA_DIR / "db.sqlite3",
+            # Keep each thread's connection: under ASGI all ORM calls share
+            # one thread, and closing the last connection to a WAL database
+            # checkpoints and fsyncs (measured: 8 fsyncs per message).
+            "CONN_MAX_AGE": None,
             # WAL lets readers run beside the one writer; IMMEDIATE takes the
             # write lock at BEGIN so two writers queue on the busy timeout
             # instead of failing with "database is locked" on lock upgrade.
@@ -236,9 +241,202 @@ CHAT_REPLY_MAX_SECONDS = env.int("CHAT_REPLY_MAX_SECONDS", default=600)
 # unless this is set; Stop always does.
 CHAT_CANCEL_ON_DISCONNECT = env.bool("CHAT_CANCEL_ON_DISCONNECT", default=False)
 
+# --- Model vendors and the call path (chat/callpath.py, docs/vendors.md) -------
+OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
+# Any OpenAI-compatible server: vLLM, Ollama's /v1, llama.cpp, LM Studio.
+OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="") or None
+ANTHROPIC_API_KEY = env.str("ANTHROPIC_API_KEY", default="")
+ANTHROPIC_BASE_URL = env.str("ANTHROPIC_BASE_URL", default="") or None
+# Deadlines per attempt, in seconds: opening the connection, the first token,
+# the gap between two tokens, the whole reply. CHAT_TIMEOUTS overrides them per
+# model, e.g. {"openai:o3": {"first_token": 120, "total": 600}}.
+CHAT_TIMEOUT_CONNECT_S = env.float("CHAT_TIMEOUT_CONNECT_S", default=5.0)
+CHAT_TIMEOUT_FIRST_TOKEN_S = env.float("CHAT_TIMEOUT_FIRST_TOKEN_S", default=30.0)
+CHAT_TIMEOUT_IDLE_S = env.float("CHAT_TIMEOUT_IDLE_S", default=30.0)
+CHAT_TIMEOUT_TOTAL_S = env.float("CHAT_TIMEOUT_TOTAL_S", default=300.0)
+CHAT_TIMEOUTS = env.json("CHAT_TIMEOUTS", default={})
+# Retries happen only before the first token reaches the user.
+CHAT_RETRY_MAX_ATTEMPTS = env.int("CHAT_RETRY_MAX_ATTEMPTS", default=3)
+CHAT_RETRY_BASE_S = env.float("CHAT_RETRY_BASE_S", default=0.5)
+CHAT_RETRY_MAX_BACKOFF_S = env.float("CHAT_RETRY_MAX_BACKOFF_S", default=8.0)
+# A Retry-After longer than this sends the request to the fallbacks instead.
+CHAT_RETRY_AFTER_MAX_S = env.float("CHAT_RETRY_AFTER_MAX_S", default=10.0)
+CHAT_RETRY_TOTAL_WAIT_S = env.float("CHAT_RETRY_TOTAL_WAIT_S", default=15.0)
+# Circuit breaker per provider:model, shared through the cache (Redis when scaled).
+CHAT_BREAKER_FAILURES = env.int("CHAT_BREAKER_FAILURES", default=5)
+CHAT_BREAKER_WINDOW_S = env.int("CHAT_BREAKER_WINDOW_S", default=60)
+CHAT_BREAKER_MIN_VOLUME = env.int("CHAT_BREAKER_MIN_VOLUME", default=20)
+CHAT_BREAKER_FAILURE_RATE = env.float("CHAT_BREAKER_FAILURE_RATE", default=0.5)
+CHAT_BREAKER_COOLDOWN_S = env.float("CHAT_BREAKER_COOLDOWN_S", default=30.0)
+CHAT_BREAKER_PROBES = env.int("CHAT_BREAKER_PROBES", default=1)
+# Fair queueing per process: in-flight caps per provider:model (0 = none) and
+# per user; beyond them a bounded FIFO. CHAT_QUEUE_LIMITS overrides per model.
+CHAT_QUEUE_MAX_IN_FLIGHT = env.int("CHAT_QUEUE_MAX_IN_FLIGHT", default=32)
+CHAT_QUEUE_MAX_IN_FLIGHT_PER_USER = env.int("CHAT_QUEUE_MAX_IN_FLIGHT_PER_USER", default=2)
+CHAT_QUEUE_MAX_WAITING = env.int("CHAT_QUEUE_MAX_WAITING", default=100)
+CHAT_QUEUE_MAX_WAITING_PER_USER = env.int("CHAT_QUEUE_MAX_WAITING_PER_USER", default=2)
+CHAT_QUEUE_RETRY_AFTER_S = env.float("CHAT_QUEUE_RETRY_AFTER_S", default=10.0)
+CHAT_QUEUE_LIMITS = env.json("CHAT_QUEUE_LIMITS", default={"demo:demo": {"max_in_flight": 0}})
+
+# --- Feedback, review desk, versions (feedback/) ------------------------------
+# Reason chips offered per direction; slugs are stored, so only ever append.
+FEEDBACK_REASONS_UP = env.list(
+    "FEEDBACK_REASONS_UP", default=["accurate", "helpful", "well_written", "fast", "other"]
+)
+FEEDBACK_REASONS_DOWN = env.list(
+    "FEEDBACK_REASONS_DOWN",
+    default=["inaccurate", "unhelpful", "unsafe", "too_slow", "badly_formatted", "other"],
+)
+FEEDBACK_MAX_COMMENT_CHARS = env.int("FEEDBACK_MAX_COMMENT_CHARS", default=1000)
+FEEDBACK_RATELIMIT = env.str("FEEDBACK_RATELIMIT", default="60/m")
+# Exports of at most this many rows stream from the request; larger ones run
+# as a Celery job with progress and a download link.
+FEEDBACK_EXPORT_STREAM_MAX = env.int("FEEDBACK_EXPORT_STREAM_MAX", default=2000)
+FEEDBACK_EXPORT_DIR = Path(env.str("FEEDBACK_EXPORT_DIR", default=str(DATA_DIR / "exports")))
+# At most this many messages before a rated reply go into its export context.
+FEEDBACK_EXPORT_CONTEXT_MESSAGES = env.int("FEEDBACK_EXPORT_CONTEXT_MESSAGES", default=100)
+FEEDBACK_ROLLUP_SECONDS = env.int("FEEDBACK_ROLLUP_SECONDS", default=60)
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),
+    "feedback-rollup-refresh": {
+        "task": "feedback.rollup_refresh",
+        "schedule": float(FEEDBACK_ROLLUP_SECONDS),
+    },
+    # Catches what the incremental pass cannot see (deleted conversations).
+    "feedback-rollup-rebuild": {"task": "feedback.rollup_rebuild", "schedule": 24 * 3600.0},
+}
+
 # Exact-match response cache (chat/response_cache.py); staff can also switch
 # it off at runtime from the admin.
 CHAT_RESPONSE_CACHE = env.bool("CHAT_RESPONSE_CACHE", default=True)
 CHAT_RESPONSE_CACHE_TTL_SECONDS = env.int("CHAT_RESPONSE_CACHE_TTL_SECONDS", default=24 * 3600)
 # Cached replies stream in chunks of this many characters.
 CHAT_RESPONSE_CACHE_CHUNK_CHARS = env.int("CHAT_RESPONSE_CACHE_CHUNK_CHARS", default=64)
+
+# --- Monitoring (monitoring/): metrics, health, Sentry, logs, rollups, jobs ----
+# Health checks run at once, each given this long; the whole check is bounded by it.
+HEALTH_CHECK_TIMEOUT_S = env.float("HEALTH_CHECK_TIMEOUT_S", default=2.0)
+HEALTH_HEARTBEAT_MAX_AGE_S = env.int("HEALTH_HEARTBEAT_MAX_AGE_S", default=180)
+HEALTH_MIN_FREE_DISK_MB = env.int("HEALTH_MIN_FREE_DISK_MB", default=500)
+HEALTH_DATABASE_ALIAS = "default"
+HEALTH_CACHE_ALIAS = "default"
+HEALTH_CHANNEL_LAYER_ALIAS = "default"
+MONITORING_HEALTH_REFRESH_S = env.int("MONITORING_HEALTH_REFRESH_S", default=15)
+MONITORING_RELEASE = env.str("SENTRY_RELEASE", default="") or env.str("APP_VERSION", default="")
+MONITORING_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="embedded")
+# A reply still pending this long after it started has lost its process:
+# longer than the longest reply the pipeline allows, plus queueing slack.
+MONITORING_REAP_AFTER_S = env.int(
+    "MONITORING_REAP_AFTER_S", default=globals().get("CHAT_REPLY_MAX_SECONDS", 600) + 120
+)
+MONITORING_DAILY_SPEND_ALERT_USD = env.float("MONITORING_DAILY_SPEND_ALERT_USD", default=None)
+MONITORING_DRIFT_ALPHA = env.float("MONITORING_DRIFT_ALPHA", default=0.001)
+MONITORING_DRIFT_MIN_RECENT = env.int("MONITORING_DRIFT_MIN_RECENT", default=200)
+MONITORING_DRIFT_MIN_BASELINE = env.int("MONITORING_DRIFT_MIN_BASELINE", default=500)
+# Conversations idle this many days are deleted or anonymised (0 = kept forever).
+MONITORING_RETENTION_DAYS = env.int("MONITORING_RETENTION_DAYS", default=0)
+MONITORING_RETENTION_MODE = env.str("MONITORING_RETENTION_MODE", default="delete")
+CELERY_BEAT_SCHEDULE = {
+    **globals().get("CELERY_BEAT_SCHEDULE", {}),
+    "monitoring-heartbeat": {"task": "monitoring.tasks.heartbeat", "schedule": 30.0},
+    "monitoring-rollups": {"task": "monitoring.tasks.rollups_refresh", "schedule": 60.0},
+    "monitoring-reaper": {"task": "monitoring.tasks.replies_reap", "schedule": 60.0},
+    "monitoring-spend": {"task": "monitoring.tasks.spend_check", "schedule": 600.0},
+    "monitoring-drift": {"task": "monitoring.tasks.drift_check", "schedule": 3600.0},
+    "monitoring-retention": {"task": "monitoring.tasks.conversations_expire", "schedule": 86400.0},
+}
+# A down Redis or PostgreSQL must fail a request (and /health/ready) in
+# seconds, not hang it on the OS's TCP timeouts.
+if REDIS_URL:
+    CACHES["default"].setdefault("OPTIONS", {})
+    CACHES["default"]["OPTIONS"].setdefault("socket_connect_timeout", 2)
+    CACHES["default"]["OPTIONS"].setdefault("socket_timeout", 5)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 3)
+MIDDLEWARE = ["monitoring.logs.request_id_middleware", *MIDDLEWARE]
+# LOG_FORMAT=json writes one JSON object a line; every record is redacted.
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
+LOGGING["formatters"]["json"] = {"()": "monitoring.logs.JsonFormatter"}  # type: ignore[index]
+LOGGING["filters"] = {"redact": {"()": "monitoring.logs.RedactFilter"}}
+LOGGING["handlers"]["console"]["formatter"] = "json" if LOG_FORMAT == "json" else "plain"  # type: ignore[index]
+LOGGING["handlers"]["console"]["filters"] = ["redact"]  # type: ignore[index]
+SENTRY_DSN = env.str("SENTRY_DSN", default="")
+if SENTRY_DSN:
+    from monitoring.sentry import init_sentry
+
+    init_sentry(
+        dsn=SENTRY_DSN,
+        environment=MONITORING_ENVIRONMENT,
+        release=MONITORING_RELEASE,
+        traces_sample_rate=env.float("SENTRY_TRACES_SAMPLE_RATE", default=0.0),
+    )
+
+# --- Safety: limits, blocks, moderation, headers (chat/safety/) ----------------
+# Rate-limit counters, budgets and violation counts. With Redis this cache
+# answers a Redis outage like a miss, so limits fail open to a per-process
+# fallback instead of failing every request
+# (docs/decisions/0004-ratelimit-when-redis-is-down.md).
+if REDIS_URL:
+    CACHES["ratelimit"] = {
+        "BACKEND": "chat.safety.cache.FailSoftRedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "chat",
+        "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+    }
+else:
+    CACHES["ratelimit"] = dict(CACHES["default"])
+RATELIMIT_USE_CACHE = "ratelimit"
+RATELIMIT_FAIL_OPEN = env.bool("CHAT_RATELIMIT_FAIL_OPEN", default=True)
+# Sign-in, sign-up and password reset, per IP (sign-in also per username).
+CHAT_RATELIMIT_LOGIN = env.str("CHAT_RATELIMIT_LOGIN", default="10/m")
+CHAT_RATELIMIT_SIGNUP = env.str("CHAT_RATELIMIT_SIGNUP", default="5/h")
+CHAT_RATELIMIT_PASSWORD_RESET = env.str("CHAT_RATELIMIT_PASSWORD_RESET", default="5/h")
+# Daily budget per user (anonymous visitors: per IP), reset at UTC midnight.
+# Each send reserves this much before the model is called; the reply's real
+# cost replaces the reservation when it ends. Empty budget = none.
+CHAT_DAILY_BUDGET_TOKENS = env.int("CHAT_DAILY_BUDGET_TOKENS", default=None)
+CHAT_BUDGET_RESERVE_USD = env.str("CHAT_BUDGET_RESERVE_USD", default="0.01")
+CHAT_BUDGET_RESERVE_TOKENS = env.int("CHAT_BUDGET_RESERVE_TOKENS", default=2000)
+# This many violations (rate-limit hits, blocked inputs) within the window
+# block the user (anonymous: the IP) for CHAT_ABUSE_BLOCK_SECONDS.
+CHAT_ABUSE_THRESHOLD = env.int("CHAT_ABUSE_THRESHOLD", default=10)
+CHAT_ABUSE_WINDOW_SECONDS = env.int("CHAT_ABUSE_WINDOW_SECONDS", default=600)
+CHAT_ABUSE_BLOCK_SECONDS = env.int("CHAT_ABUSE_BLOCK_SECONDS", default=900)
+# Output moderation holds the reply back until a sentence ends or this many
+# tokens / characters are waiting, whichever comes first
+# (docs/decisions/0007-moderation-window.md).
+CHAT_MODERATION_WINDOW_TOKENS = env.int("CHAT_MODERATION_WINDOW_TOKENS", default=8)
+CHAT_MODERATION_WINDOW_CHARS = env.int("CHAT_MODERATION_WINDOW_CHARS", default=120)
+# Each window is judged together with this much already released text, so
+# a phrase split across two windows is still seen whole.
+CHAT_MODERATION_CONTEXT_CHARS = env.int("CHAT_MODERATION_CONTEXT_CHARS", default=64)
+CHAT_MODERATION_THRESHOLD = env.float("CHAT_MODERATION_THRESHOLD", default=0.5)
+# The OpenAI moderation endpoint, in addition to the built-in rules.
+CHAT_MODERATION_OPENAI = env.bool("CHAT_MODERATION_OPENAI", default=False)
+CHAT_MODERATION_OPENAI_MODEL = env.str(
+    "CHAT_MODERATION_OPENAI_MODEL", default="omni-moderation-latest"
+)
+CHAT_MODERATION_OPENAI_TIMEOUT_S = env.float("CHAT_MODERATION_OPENAI_TIMEOUT_S", default=5.0)
+# Hosts the page may load images from besides itself (a Markdown image is an
+# exfiltration channel, so none by default).
+CHAT_IMG_HOSTS = env.list("CHAT_IMG_HOSTS", default=[])
+# No inline script anywhere (the admin in Django 5.2 has none either);
+# connect-src gets the page's own ws:/wss: origin added per request.
+CONTENT_SECURITY_POLICY: dict[str, dict[str, object]] = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:", *CHAT_IMG_HOSTS],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
+# Password-reset mail; the console backend until an operator configures SMTP.
+EMAIL_BACKEND = env.str(
+    "DJANGO_EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend"
+)

@@ -29,3 +29,13 @@ SECURE_REFERRER_POLICY = "same-origin"
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True
 X_FRAME_OPTIONS = "DENY"
+
+# Content-Security-Policy (base.py): HTTPS only. The middleware adds the
+# page's own wss:// origin to connect-src; plain ws:// is never listed here.
+CONTENT_SECURITY_POLICY["DIRECTIVES"] = {  # noqa: F405
+    **CONTENT_SECURITY_POLICY["DIRECTIVES"],  # noqa: F405
+    "upgrade-insecure-requests": True,
+}
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+SESSION_COOKIE_HTTPONLY = True
+LANGUAGE_COOKIE_SECURE = True

@@ -76,3 +76,25 @@ async def test_regenerate_asks_the_model_again(ws, make_user):
         other, "", conversation=cached["conversation"], regenerate=cached["message"]
     )
     assert regenerated[-1]["cached"] is False
+
+
+def test_staff_switch_it_from_the_admin(client, make_user):
+    staff = make_user("admin", staff=True)
+    client.force_login(staff)
+    page = client.get("/admin/chat/message/response-cache/")
+    assert page.status_code == 200 and b'id="cache-state">on<' in page.content
+    response = client.post("/admin/chat/message/response-cache/", {"enabled": "0"})
+    assert response.status_code == 302
+    assert b'id="cache-state">off<' in client.get("/admin/chat/message/response-cache/").content
+    from chat.response_cache import cache_enabled
+
+    assert cache_enabled() is False
+
+
+def test_non_staff_cannot_reach_the_switch(client, make_user):
+    client.force_login(make_user("bob"))
+    response = client.post("/admin/chat/message/response-cache/", {"enabled": "0"})
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+    from chat.response_cache import cache_enabled
+
+    assert cache_enabled() is True

@@ -1,0 +1,162 @@
+"""A circuit breaker per `provider:model`, shared by every process through the cache.
+
+closed: calls go through; failures are counted (consecutive, and per time
+bucket for a failure rate over a window). It opens after
+CHAT_BREAKER_FAILURES consecutive failures, or when at least
+CHAT_BREAKER_MIN_VOLUME calls in the last CHAT_BREAKER_WINDOW_S seconds failed
+at CHAT_BREAKER_FAILURE_RATE or more.
+open: calls are refused at once (the call path goes to the fallbacks).
+half-open: after CHAT_BREAKER_COOLDOWN_S, up to CHAT_BREAKER_PROBES calls are
+let through; a success closes the breaker, a failure opens it again.
+
+The state lives in Django's cache: Redis in the scaled mode, the shared SQLite
+cache in the embedded one, so every process sees the same breaker. Updates are
+single increments or writes, not transactions: two processes recording at the
+same instant may both open the breaker, which is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import cache
+
+from chat import clock
+from monitoring import metrics
+
+logger = logging.getLogger(__name__)
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+_BUCKET_S = 10
+# Models seen by this process, so the health page can list them.
+_seen: set[str] = set()
+LOCAL_TRUST_S = 1.0
+# model -> wall time until which this process trusts "closed" (see acheck_allowed).
+_trusted_closed: dict[str, float] = {}
+
+
+def _key(model: str, part: str) -> str:
+    return f"breaker:{model}:{part}"
+
+
+def _incr(key: str, ttl: float | None) -> int:
+    # incr on a missing key raises; add() is a no-op when it exists.
+    cache.add(key, 0, timeout=ttl)
+    try:
+        return int(cache.incr(key))
+    except ValueError:  # expired between add and incr
+        cache.set(key, 1, timeout=ttl)
+        return 1
+
+
+def _buckets(now: float) -> list[int]:
+    window = max(1, math.ceil(settings.CHAT_BREAKER_WINDOW_S / _BUCKET_S))
+    current = int(now // _BUCKET_S)
+    return [current - i for i in range(window)]
+
+
+def check_allowed(*, model: str, now: float) -> tuple[bool, str]:
+    """Return (may call, state) and take a probe slot when half-open."""
+    _seen.add(model)
+    opened_at = cache.get(_key(model, "opened_at"))
+    if opened_at is None:
+        return True, CLOSED
+    if now < opened_at + settings.CHAT_BREAKER_COOLDOWN_S:
+        return False, OPEN
+    probes = _incr(_key(model, f"probes:{opened_at}"), settings.CHAT_BREAKER_COOLDOWN_S * 10)
+    return probes <= settings.CHAT_BREAKER_PROBES, HALF_OPEN
+
+
+def record_result(*, model: str, ok: bool, now: float) -> str:
+    """Count one call's result; return the state afterwards."""
+    ttl = settings.CHAT_BREAKER_WINDOW_S + 2 * _BUCKET_S
+    known = cache.get_many([_key(model, "opened_at"), _key(model, "consecutive")])
+    opened_at = known.get(_key(model, "opened_at"))
+    bucket = int(now // _BUCKET_S)
+    _incr(_key(model, f"calls:{bucket}"), ttl)
+    if ok:
+        if opened_at is not None:
+            _close(model)
+        elif known.get(_key(model, "consecutive")):
+            cache.set(_key(model, "consecutive"), 0, timeout=None)
+        return CLOSED
+    _incr(_key(model, f"failures:{bucket}"), ttl)
+    consecutive = _incr(_key(model, "consecutive"), None)
+    if opened_at is not None:
+        if now >= opened_at + settings.CHAT_BREAKER_COOLDOWN_S:
+            _open(model, now)  # a failed probe: open again for another cooldown
+        return OPEN
+    if consecutive >= settings.CHAT_BREAKER_FAILURES or _rate_exceeded(model, now):
+        _open(model, now)
+        return OPEN
+    return CLOSED
+
+
+def _rate_exceeded(model: str, now: float) -> bool:
+    buckets = _buckets(now)
+    keys = [_key(model, f"{kind}:{b}") for b in buckets for kind in ("calls", "failures")]
+    counts = cache.get_many(keys)
+    calls = sum(int(counts.get(_key(model, f"calls:{b}"), 0)) for b in buckets)
+    failures = sum(int(counts.get(_key(model, f"failures:{b}"), 0)) for b in buckets)
+    return (
+        calls >= settings.CHAT_BREAKER_MIN_VOLUME
+        and failures / calls >= settings.CHAT_BREAKER_FAILURE_RATE
+    )
+
+
+def _open(model: str, now: float) -> None:
+    _trusted_closed.pop(model, None)
+    cache.set(_key(model, "opened_at"), now, timeout=None)
+    logger.warning("circuit breaker for %s is open", model)
+    metrics.circuit_state(model, True)
+
+
+def _close(model: str) -> None:
+    buckets = _buckets(clock.current().wall())
+    cache.delete_many(
+        [_key(model, "opened_at"), _key(model, "consecutive")]
+        + [_key(model, f"{kind}:{b}") for b in buckets for kind in ("calls", "failures")]
+    )
+    logger.info("circuit breaker for %s is closed again", model)
+    metrics.circuit_state(model, False)
+
+
+def state_of(*, model: str, now: float) -> str:
+    """Return "closed", "open" or "half_open" without taking a probe slot."""
+    opened_at = cache.get(_key(model, "opened_at"))
+    if opened_at is None:
+        return CLOSED
+    return OPEN if now < opened_at + settings.CHAT_BREAKER_COOLDOWN_S else HALF_OPEN
+
+
+def breaker_states() -> dict[str, str]:
+    """Return each known model's breaker state (the configured ones and any seen here)."""
+    models = dict.fromkeys([settings.CHAT_MODEL, *settings.CHAT_FALLBACK_MODELS, *sorted(_seen)])
+    now = clock.current().wall()
+    return {model: state_of(model=model, now=now) for model in models}
+
+
+# The cache is network I/O in the scaled mode: keep it off the event loop, and
+# off the single ORM thread too (thread_sensitive=False).
+_check_in_thread = sync_to_async(check_allowed, thread_sensitive=False)
+arecord_result = sync_to_async(record_result, thread_sensitive=False)
+
+
+async def acheck_allowed(*, model: str, now: float) -> tuple[bool, str]:
+    """Async twin of `check_allowed`.
+
+    A closed breaker seen within the last LOCAL_TRUST_S seconds is trusted
+    without asking the cache again: that spares every reply a round trip
+    before its first token, at the price of another process noticing an open
+    breaker up to a second late. This process drops the trust when it opens
+    the breaker itself.
+    """
+    if _trusted_closed.get(model, -math.inf) > now:
+        return True, CLOSED
+    allowed, state = await _check_in_thread(model=model, now=now)
+    if state == CLOSED:
+        _trusted_closed[model] = now + LOCAL_TRUST_S
+    return allowed, state

@@ -1,0 +1,73 @@
+"""The cache that rate-limit counters, budgets and violation counts live in.
+
+Django's Redis backend raises when Redis is unreachable, and django-ratelimit
+does not catch that (it only catches `socket.gaierror`), so a Redis outage
+would turn every rate-limited view into a 500. This backend answers like a
+cache miss instead (`add` False, `get` the default, `incr` ValueError), which
+is the "getting or setting the count failed" case django-ratelimit handles
+with `RATELIMIT_FAIL_OPEN`, and which `chat.safety.limits` handles with its
+per-process fallback. See docs/decisions/0004-ratelimit-when-redis-is-down.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.cache.backends.redis import RedisCache
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+# One warning per this many seconds per process, not one per request.
+_WARN_EVERY_SECONDS = 30.0
+
+
+class CacheUnavailable(ValueError):
+    """The counter store could not be reached (a ValueError, like a missing key)."""
+
+
+class FailSoftRedisCache(RedisCache):
+    _last_warning = 0.0
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - FailSoftRedisCache._last_warning >= _WARN_EVERY_SECONDS:
+            FailSoftRedisCache._last_warning = now
+            logger.warning("rate-limit cache unavailable (%s): %s", op, type(exc).__name__)
+
+    def add(
+        self,
+        key: Any,
+        value: Any,
+        timeout: float | object | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> bool:
+        try:
+            return bool(super().add(key, value, timeout, version))  # type: ignore[arg-type]  # DEFAULT_TIMEOUT sentinel
+        except RedisError as exc:
+            self._failed("add", exc)
+            return False
+
+    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        try:
+            return super().get(key, default, version)
+        except RedisError as exc:
+            self._failed("get", exc)
+            return default
+
+    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+        try:
+            return int(super().incr(key, delta, version))
+        except RedisError as exc:
+            self._failed("incr", exc)
+            raise CacheUnavailable(str(exc)) from None
+
+    def delete(self, key: Any, version: int | None = None) -> bool:
+        try:
+            return bool(super().delete(key, version))
+        except RedisError as exc:
+            self._failed("delete", exc)
+            return False

@@ -1,0 +1,147 @@
+"""The circuit breaker per provider:model: closed -> open -> half-open -> closed."""
+
+from __future__ import annotations
+
+import pytest
+
+from chat.breaker import breaker_states
+from monitoring import metrics
+from tests.chat.callpath_support import *  # noqa: F403
+from tests.chat.callpath_support import FALLBACK, PRIMARY, ask, cookie_for, reload
+from tests.chat.helpers import recv, recv_until_done, send
+from tests.fakevendor import Fault
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def transitions(monkeypatch):
+    """Record what the breaker reports to the ai_circuit_open gauge."""
+    seen: list[tuple[str, bool]] = []
+    real = metrics.circuit_state
+
+    def spy(model: str, is_open: bool) -> None:
+        seen.append((model, is_open))
+        real(model, is_open)
+
+    monkeypatch.setattr(metrics, "circuit_state", spy)
+    return seen
+
+
+@pytest.fixture
+def tight(settings, wired):
+    settings.CHAT_BREAKER_FAILURES = 2
+    settings.CHAT_BREAKER_COOLDOWN_S = 30.0
+    settings.CHAT_BREAKER_PROBES = 1
+    settings.CHAT_RETRY_MAX_ATTEMPTS = 1
+    return wired
+
+
+async def one_reply(comm, content):
+    accepted = await ask(comm, content)
+    frames = await recv_until_done(comm)
+    return await reload(accepted["message"]), frames
+
+
+async def test_breaker_opens_skips_the_vendor_then_probes_and_closes(
+    ws, make_user, tight, clock, transitions
+):
+    tight.default = Fault.server_error(500)
+    comm = await ws(await cookie_for(make_user))
+
+    await one_reply(comm, "one")
+    assert breaker_states()[PRIMARY] == "closed"
+    await one_reply(comm, "two")
+    assert breaker_states()[PRIMARY] == "open"
+    assert transitions == [(PRIMARY, True)]
+    assert len(tight.requests) == 2
+
+    reply, frames = await one_reply(comm, "three")
+    assert len(tight.requests) == 2  # the vendor was not called
+    [error] = [f for f in frames if f["type"] == "chat.error"]
+    assert error["code"] == "unavailable" and error["retry_after"] == 30
+    assert reply.call_path == [{"model": PRIMARY, "outcome": "circuit_open"}]
+    assert clock.sleeps == []
+
+    clock.advance(29)
+    assert breaker_states()[PRIMARY] == "open"
+    clock.advance(1.5)
+    assert breaker_states()[PRIMARY] == "half_open"
+
+    tight.default = Fault.ok()
+    reply, frames = await one_reply(comm, "four")
+    assert frames[-1]["finish_reason"] == "stop"
+    assert len(tight.requests) == 3
+    assert breaker_states()[PRIMARY] == "closed"
+    assert transitions == [(PRIMARY, True), (PRIMARY, False)]
+
+
+async def test_a_failed_probe_opens_the_breaker_again(ws, make_user, tight, clock):
+    tight.default = Fault.server_error(503)
+    comm = await ws(await cookie_for(make_user))
+    for content in ("one", "two"):
+        await one_reply(comm, content)
+    clock.advance(31)
+    reply, _ = await one_reply(comm, "probe")
+    assert reply.call_path == [{"model": PRIMARY, "outcome": "server", "status": 503}]
+    assert breaker_states()[PRIMARY] == "open"
+    reply, _ = await one_reply(comm, "after")
+    assert reply.call_path == [{"model": PRIMARY, "outcome": "circuit_open"}]
+    assert len(tight.requests) == 3
+
+
+async def test_half_open_lets_only_the_allowed_number_of_probes_through(
+    ws, make_user, tight, clock
+):
+    tight.default = Fault.server_error(500)
+    alice = await ws(await cookie_for(make_user, "alice"))
+    bob = await ws(await cookie_for(make_user, "bob"))
+    for content in ("one", "two"):
+        await one_reply(alice, content)
+    clock.advance(31)
+    tight.default = Fault.ok()
+    tight.script([Fault.stall(after=1)])
+
+    probe = await ask(alice, "probe")
+    await tight.wait_for_requests_async(3)
+    reply, _ = await one_reply(bob, "not a probe")
+    assert reply.call_path == [{"model": PRIMARY, "outcome": "circuit_open"}]
+    await send(alice, {"type": "chat.stop", "message": probe["message"]})
+    while (await recv(alice))["type"] != "chat.done":
+        pass
+    assert len(tight.requests) == 3
+
+
+async def test_failure_rate_over_the_window_opens_the_breaker(
+    ws, make_user, tight, clock, settings
+):
+    settings.CHAT_BREAKER_FAILURES = 100
+    settings.CHAT_BREAKER_MIN_VOLUME = 4
+    settings.CHAT_BREAKER_FAILURE_RATE = 0.5
+    tight.script([Fault.ok(), Fault.server_error(500), Fault.ok()])
+    tight.default = Fault.server_error(500)
+    comm = await ws(await cookie_for(make_user))
+    for n in range(3):
+        await one_reply(comm, f"question {n}")
+        assert breaker_states()[PRIMARY] == "closed"
+    await one_reply(comm, "the fourth")  # 2 of 4 failed
+    assert breaker_states()[PRIMARY] == "open"
+
+
+async def test_an_open_breaker_goes_straight_to_the_fallback(ws, make_user, tight, clock, settings):
+    settings.CHAT_FALLBACK_MODELS = [FALLBACK]
+    tight.script([Fault.server_error(500), Fault.ok()] * 2)
+    comm = await ws(await cookie_for(make_user))
+    for content in ("one", "two"):
+        await one_reply(comm, content)  # the primary fails twice, the fallback answers
+    assert breaker_states() == {PRIMARY: "open", FALLBACK: "closed"}
+    before = len(tight.requests)
+
+    reply, frames = await one_reply(comm, "three")
+    assert frames[-1]["model"] == FALLBACK and frames[-1]["finish_reason"] == "stop"
+    assert [r.path for r in tight.requests[before:]] == ["/v1/messages"]
+    assert reply.call_path == [
+        {"model": PRIMARY, "outcome": "circuit_open"},
+        {"model": FALLBACK, "outcome": "ok"},
+    ]
+    assert clock.sleeps == []

@@ -1,0 +1,1 @@
+"""Safety: moderation, limits, blocks, headers, object access and the hostile corpus."""

@@ -1,0 +1,221 @@
+"""Rate limits, daily budgets and abuse blocks on chat messages (chat/safety/limits.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from django.test import Client
+from django.utils import timezone
+
+from chat.models import AbuseBlock
+from tests.chat.helpers import recv, send, send_frame
+from tests.safety.helpers import blocks, chat, cookie_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    scopes: list[str] = []
+    monkeypatch.setattr("chat.safety.limits.metrics.ratelimited", scopes.append)
+    return scopes
+
+
+async def test_signed_in_user_is_limited_per_user_with_retry_after(
+    ws, make_user, settings, counted
+):
+    settings.CHAT_RATELIMIT_USER = "3/m"
+    comm = await ws(await cookie_for(make_user))
+    for _ in range(3):
+        assert (await chat(comm))[-1]["type"] == "chat.done"
+    [error] = await chat(comm)
+    assert error["code"] == "rate_limited"
+    assert 1 <= error["retry_after"] <= 60
+    assert f"wait {error['retry_after']} second" in error["message"]
+    assert counted == ["user"]
+    # Another user is counted on their own.
+    other = await ws(await cookie_for(make_user, "bob"))
+    assert (await chat(other))[-1]["type"] == "chat.done"
+    # A second socket of the same user shares the counter.
+    again = await ws(await _same_user_cookie())
+    [error] = await chat(again)
+    assert error["code"] == "rate_limited"
+
+
+@database_sync_to_async
+def _same_user_cookie() -> str:
+    from django.contrib.auth import get_user_model
+
+    from tests.conftest import session_cookie_for
+
+    return session_cookie_for(get_user_model().objects.get(username="alice"))
+
+
+async def test_anonymous_visitors_are_limited_per_ip(ws, settings, counted):
+    settings.CHAT_RATELIMIT_ANON = "2/m"
+    settings.CHAT_RATELIMIT_USER = "100/m"
+    first = await ws(await cookie_for(None, None))
+    second = await ws(await cookie_for(None, None))  # a new session, the same IP
+    assert (await chat(first))[-1]["type"] == "chat.done"
+    assert (await chat(second))[-1]["type"] == "chat.done"
+    [error] = await chat(first)
+    assert error["code"] == "rate_limited" and error["retry_after"] >= 1
+    assert counted == ["anon"]
+
+
+async def test_repeated_violations_block_the_user_until_staff_lift_it(ws, make_user, settings):
+    settings.CHAT_RATELIMIT_USER = "1/m"
+    settings.CHAT_ABUSE_THRESHOLD = 3
+    settings.CHAT_ABUSE_BLOCK_SECONDS = 600
+    comm = await ws(await cookie_for(make_user))
+    assert (await chat(comm))[-1]["type"] == "chat.done"
+    for _ in range(3):
+        [error] = await chat(comm)
+        assert error["code"] == "rate_limited"
+    [block] = await blocks()
+    assert block.subject.startswith("u:") and "rate_limited" in block.reason
+    [error] = await chat(comm)
+    assert error["code"] == "forbidden"
+    assert "temporarily blocked" in error["message"] and "UTC" in error["message"]
+    assert 590 <= error["retry_after"] <= 600
+
+    # Staff lift it in the admin; the user may chat again once the rate allows.
+    await database_sync_to_async(_lift_in_admin)(make_user, block.pk)
+    [block] = await blocks()
+    assert block.lifted_at is not None and block.lifted_by is not None
+    settings.CHAT_RATELIMIT_USER = "100/m"
+    assert (await chat(comm))[-1]["type"] == "chat.done"
+
+
+def _lift_in_admin(make_user: Any, block_id: int) -> None:
+    staff = Client()
+    staff.force_login(make_user("staff", staff=True))
+    listing = staff.get("/admin/chat/abuseblock/?state=active")
+    assert listing.status_code == 200 and b"u:" in listing.content
+    response = staff.post(
+        "/admin/chat/abuseblock/",
+        {"action": "lift_blocks", "_selected_action": [block_id]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    assert b"Lifted 1 block." in response.content
+
+
+async def test_blocked_inputs_count_as_violations(ws, make_user, settings):
+    settings.CHAT_ABUSE_THRESHOLD = 2
+    comm = await ws(await cookie_for(make_user))
+    for _ in range(2):
+        [error] = await chat(comm, "how to make a pipe bomb")
+        assert error["code"] == "blocked_input"
+    [block] = await blocks()
+    assert "blocked_input" in block.reason
+    [error] = await chat(comm, "a harmless question")
+    assert error["code"] == "forbidden"
+
+
+async def test_blocked_ip_refuses_anonymous_visitors_but_not_signed_in_users(ws, make_user):
+    await database_sync_to_async(AbuseBlock.objects.create)(
+        subject="ip:127.0.0.1", reason="test", expires_at=timezone.now() + timedelta(minutes=5)
+    )
+    anonymous = await ws(await cookie_for(None, None))
+    [error] = await chat(anonymous)
+    assert error["code"] == "forbidden"
+    signed_in = await ws(await cookie_for(make_user))
+    assert (await chat(signed_in))[-1]["type"] == "chat.done"
+
+
+async def test_expired_and_lifted_blocks_do_not_apply(ws, make_user):
+    comm = await ws(await cookie_for(make_user))
+    subject = f"u:{(await database_sync_to_async(_alice_id)())}"
+    now = timezone.now()
+    await database_sync_to_async(AbuseBlock.objects.create)(
+        subject=subject, reason="old", expires_at=now - timedelta(seconds=1)
+    )
+    await database_sync_to_async(AbuseBlock.objects.create)(
+        subject=subject, reason="lifted", expires_at=now + timedelta(hours=1), lifted_at=now
+    )
+    assert (await chat(comm))[-1]["type"] == "chat.done"
+
+
+def _alice_id() -> int:
+    from django.contrib.auth import get_user_model
+
+    return int(get_user_model().objects.get(username="alice").pk)
+
+
+# --- the daily budget ------------------------------------------------------------
+
+
+async def test_token_budget_refuses_once_spent_and_says_when_it_resets(ws, make_user, settings):
+    # The demo model reports its tokens: each reply costs ~12 + prompt tokens.
+    settings.CHAT_DAILY_BUDGET_TOKENS = 40
+    settings.CHAT_BUDGET_RESERVE_TOKENS = 10
+    comm = await ws(await cookie_for(make_user))
+    spent = 0
+    refused = None
+    for _ in range(6):
+        frames = await chat(comm, "hi")
+        if frames[0]["type"] == "chat.error":
+            refused = frames[0]
+            break
+        usage = frames[-1]["usage"]
+        spent += usage["prompt_tokens"] + usage["completion_tokens"]
+    assert refused is not None and refused["code"] == "budget_exceeded"
+    assert 30 <= spent <= 40 + 30  # at most one reply past the cap
+    now = timezone.now()
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert abs(refused["retry_after"] - (midnight - now).total_seconds()) <= 5
+    assert "midnight UTC" in refused["message"]
+    # Another user has their own budget.
+    other = await ws(await cookie_for(make_user, "bob"))
+    assert (await chat(other, "hi"))[-1]["type"] == "chat.done"
+
+
+async def test_parallel_sends_cannot_reserve_past_the_budget(ws, make_user, settings):
+    """Replies still running hold their reservation, so a third parallel send is refused."""
+    settings.CHAT_DAILY_BUDGET_USD = "0.05"
+    settings.CHAT_BUDGET_RESERVE_USD = "0.02"
+    settings.CHAT_DEMO_TTFT_MS = 5000  # both replies stay pending
+    cookie = await cookie_for(make_user)
+    sockets = [await ws(cookie) for _ in range(3)]
+    for comm in sockets:
+        await send(comm, send_frame("hello"))
+    answers = [await recv(comm) for comm in sockets]
+    kinds = sorted(a["type"] if a["type"] != "chat.error" else a["code"] for a in answers)
+    assert kinds == ["budget_exceeded", "chat.accepted", "chat.accepted"]
+    # Stopping a reply settles it (the demo model is free) and frees its reservation.
+    running = next(
+        (comm, a) for comm, a in zip(sockets, answers, strict=True) if a["type"] != "chat.error"
+    )
+    await send(running[0], {"type": "chat.stop", "message": running[1]["message"]})
+    while (await recv(running[0]))["type"] != "chat.done":
+        pass
+    settings.CHAT_DEMO_TTFT_MS = 0
+    assert (await chat(running[0]))[0]["type"] == "chat.accepted"
+
+
+async def test_concurrent_reservations_are_exact(make_user, settings):
+    """Many threads reserving at once never hold more than the budget allows."""
+    from chat.errors import BudgetExceeded
+    from chat.owners import Owner
+    from chat.safety.limits import check_send_limits
+
+    settings.CHAT_DAILY_BUDGET_USD = "1.00"
+    settings.CHAT_BUDGET_RESERVE_USD = "0.10"
+    settings.CHAT_RATELIMIT_USER = "1000/m"
+    user = await database_sync_to_async(make_user)()
+    owner = Owner(user_id=user.pk)
+
+    def attempt() -> bool:
+        try:
+            check_send_limits(owner=owner, client_ip="10.0.0.1")
+        except BudgetExceeded:
+            return False
+        return True
+
+    results = await asyncio.gather(*[asyncio.to_thread(attempt) for _ in range(25)])
+    assert sum(results) == 10
