@@ -114,8 +114,13 @@ async def call_model(
     owner_key: str,
     on_queued: OnQueued,
     cached_answer: CachedAnswer | None = None,
+    on_streaming: Callable[[CallOutcome], None] | None = None,
 ) -> AsyncGenerator[str | CallOutcome, None]:
-    """Yield the reply's text chunks, then one CallOutcome; raise Timeout or Unavailable."""
+    """Yield the reply's text chunks, then one CallOutcome; raise Timeout or Unavailable.
+
+    `on_streaming` hears which model is answering as soon as its first chunk
+    arrives, so a reply stopped halfway still records the model that wrote it.
+    """
     clk = clock.current()
     path: list[dict[str, Any]] = []
     error: ChatError | None = None
@@ -132,11 +137,22 @@ async def call_model(
                 attempts = _try_model(model, plan, history, path=path, queued=queued)
                 async with contextlib.aclosing(attempts):
                     usage: Usage | None = None
+                    announced = False
                     async for event in attempts:
                         if isinstance(event, Usage):
                             usage = event
-                        else:
-                            yield event
+                            continue
+                        if not announced and on_streaming is not None:
+                            announced = True
+                            on_streaming(
+                                CallOutcome(
+                                    model=model,
+                                    usage=None,
+                                    path=path,
+                                    fallback=model != plan.model,
+                                )
+                            )
+                        yield event
         except queueing.QueueFull as full:
             path.append({"model": model, "outcome": "queue_full"})
             error = Unavailable(retry_after=full.retry_after)

@@ -17,6 +17,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import DEFAULT_CHANNEL_LAYER
 from django.conf import settings
 
 from chat import pipeline, protocol, selectors
@@ -33,6 +34,16 @@ _STORE_GRACE_SECONDS = 10
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
+    @property
+    def channel_layer_alias(self) -> str:
+        """Subscribe to the channel layer only when it spans processes (scaled mode).
+
+        In-process, every subscribed socket costs the in-memory layer a scan
+        on each receive (quadratic with 1,000 sockets), and the replay hub can
+        reach this process's sockets directly.
+        """
+        return DEFAULT_CHANNEL_LAYER if settings.REDIS_URL else "chat-no-layer"
+
     owner: Owner | None
     client_ip: str
     replies: dict[int, asyncio.Task[None]]
@@ -54,14 +65,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
         self._followers: set[asyncio.Task[bool]] = set()
-        self._group = owner_group(self.owner) if self.owner is not None else None
+        self._group = None
         await self.accept()
-        if self._group is not None:
-            await self._layer("group_add", self._group, self.channel_name)
+        if self.owner is not None:
+            if self.channel_layer is not None:
+                self._group = owner_group(self.owner)
+                await self._layer("group_add", self._group, self.channel_name)
+            else:
+                hub.join(self.owner.key, self._deliver)
 
     async def disconnect(self, code: int) -> None:
         if self._group is not None:
             await self._layer("group_discard", self._group, self.channel_name)
+        elif self.owner is not None:
+            hub.leave(self.owner.key, self._deliver)
         hub.detach(self._deliver)
         for follower in self._followers:
             follower.cancel()
@@ -136,18 +153,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         buffer.task = task
         self.replies[accepted.reply_id] = task
         task.add_done_callback(lambda _t: self.replies.pop(accepted.reply_id, None))
+        # The owner's other tabs learn of the reply and can resume it.
+        started = {
+            "type": "chat.started",
+            "conversation": accepted.conversation_id,
+            "message": accepted.reply_id,
+        }
         if self._group is not None:
-            # The owner's other tabs learn of the reply and can resume it.
             await self._layer(
                 "group_send",
                 self._group,
-                {
-                    "type": "reply.started",
-                    "origin": self.channel_name,
-                    "conversation": accepted.conversation_id,
-                    "message": accepted.reply_id,
-                },
+                {**started, "type": "reply.started", "origin": self.channel_name},
             )
+        else:
+            hub.announce(accepted.owner_key, started, origin=self._deliver)
 
     async def reply_started(self, event: dict[str, Any]) -> None:
         if event.get("origin") != self.channel_name:

@@ -36,6 +36,7 @@ from chat.replay import ReplyBuffer, hub
 from chat.safety import InjectionVerdict, injection_score, limits, moderation
 from chat.safety.errors import InvalidInput as TextRefused
 from chat.safety.input import check_user_text
+from chat.safety.pii import redact
 from chat.services import Accepted
 from chat.streaming import DeltaSender, Emit
 from feedback.versions import version_for
@@ -183,6 +184,9 @@ def _prepare(accepted: Accepted) -> Prepared:
         plan=accepted.plan, version_id=accepted.version_id, history=history
     )
     hit = None if accepted.bypass_cache else response_cache.cache_lookup(key)
+    if settings.CHAT_REDACT_VENDOR_TEXT:
+        # Personal data stays here: the vendor sees typed placeholders.
+        history = [ChatMessage(role=m.role, content=redact(m.content)) for m in history]
     return Prepared(history=history, cache_key=key, cached=hit)
 
 
@@ -279,6 +283,7 @@ async def reply_run(
                 owner_key=accepted.owner_key,
                 on_queued=on_queued,
                 cached_answer=_last_resort(history),
+                on_streaming=lambda progress: setattr(result, "outcome", progress),
             )
         async with contextlib.aclosing(stream):  # closes the vendor's stream at once
             async for event in stream:

@@ -55,6 +55,8 @@ class ReplayHub:
 
     def __init__(self) -> None:
         self._buffers: dict[int, ReplyBuffer] = {}
+        # Each owner's sockets in this process, for rare notices (chat.started).
+        self._sockets: dict[str, list[Listener]] = {}
         self._redis_pending: list[tuple[int, dict[str, str]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._redis: Any = None
@@ -102,6 +104,24 @@ class ReplayHub:
     def running_task(self, reply_id: int) -> asyncio.Task[None] | None:
         buffer = self._buffers.get(reply_id)
         return buffer.task if buffer is not None else None
+
+    # --- an owner's sockets in this process ----------------------------------------
+
+    def join(self, owner_key: str, listener: Listener) -> None:
+        self._sockets.setdefault(owner_key, []).append(listener)
+
+    def leave(self, owner_key: str, listener: Listener) -> None:
+        sockets = self._sockets.get(owner_key, [])
+        if listener in sockets:
+            sockets.remove(listener)
+        if not sockets:
+            self._sockets.pop(owner_key, None)
+
+    def announce(self, owner_key: str, frame: dict[str, Any], *, origin: Listener) -> None:
+        """Hand a notice to the owner's other sockets in this process."""
+        for listener in self._sockets.get(owner_key, []):
+            if listener != origin:
+                listener(frame)
 
     # --- the resuming side -----------------------------------------------------
 

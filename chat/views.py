@@ -14,11 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from chat import selectors, services
 from chat.errors import ChatError, Forbidden, InvalidInput
 from chat.owners import Owner
-
-# What the page offers as reasons when no operator list is configured.
-DEFAULT_REASONS_UP = ["accurate", "helpful", "well written"]
-DEFAULT_REASONS_DOWN = ["inaccurate", "unhelpful", "unsafe", "too slow", "badly formatted", "other"]
-FEEDBACK_COMMENT_MAX_CHARS = 1000
+from feedback.selectors import ratings_for
 
 
 def owner_of(request: HttpRequest) -> Owner | None:
@@ -57,25 +53,16 @@ def index(request: HttpRequest) -> HttpResponse:
     )
 
 
-def _image_hosts() -> list[str]:
-    hosts = getattr(settings, "CHAT_IMAGE_HOSTS", None)
-    if hosts is None:
-        hosts = getattr(settings, "CHAT_IMG_HOSTS", [])
-    return [str(h) for h in hosts]
-
-
 def page_config() -> dict[str, Any]:
     """Return the operator settings the page script reads (rendered with json_script)."""
     return {
-        "reasons_up": list(getattr(settings, "FEEDBACK_REASONS_UP", DEFAULT_REASONS_UP)),
-        "reasons_down": list(getattr(settings, "FEEDBACK_REASONS_DOWN", DEFAULT_REASONS_DOWN)),
-        "comment_max_chars": getattr(
-            settings, "FEEDBACK_COMMENT_MAX_CHARS", FEEDBACK_COMMENT_MAX_CHARS
-        ),
+        "reasons_up": list(settings.FEEDBACK_REASONS_UP),
+        "reasons_down": list(settings.FEEDBACK_REASONS_DOWN),
+        "comment_max_chars": settings.FEEDBACK_MAX_COMMENT_CHARS,
         # Markdown images load only from these hosts; any other image is shown
         # as a link, never fetched (an image URL can carry data out).
-        # The CSP's img-src lists the same hosts (CHAT_IMG_HOSTS).
-        "image_hosts": [h.lower() for h in _image_hosts()],
+        # The CSP's img-src lists the same hosts (CHAT_IMAGE_HOSTS).
+        "image_hosts": [str(h).lower() for h in settings.CHAT_IMAGE_HOSTS],
         "primary_model": settings.CHAT_MODEL,
     }
 
@@ -118,16 +105,6 @@ def _json_body(request: HttpRequest) -> dict[str, Any]:
     return body
 
 
-def _ratings_for(*, owner: Owner, message_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Return each reply's current rating by this owner, if feedback is installed."""
-    try:
-        from feedback.selectors import ratings_for  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return {}
-    found: dict[int, dict[str, Any]] = ratings_for(owner=owner, message_ids=message_ids)
-    return found
-
-
 @require_GET
 def conversation_messages(request: HttpRequest, conversation_id: int) -> JsonResponse:
     owner = owner_of(request)
@@ -138,7 +115,7 @@ def conversation_messages(request: HttpRequest, conversation_id: int) -> JsonRes
     except ChatError as exc:
         return error_response(exc)
     reply_ids = [m["id"] for m in messages if m["role"] == "assistant"]
-    ratings = _ratings_for(owner=owner, message_ids=reply_ids)
+    ratings = ratings_for(owner=owner, message_ids=reply_ids)
     fallbacks = selectors.reply_fallbacks(owner=owner, message_ids=reply_ids)
     for message in messages:
         if message["role"] == "assistant":

@@ -26,7 +26,10 @@ def owner_from_cookie_header(cookie_header: str) -> Owner | None:
         return None
     engine = import_module(settings.SESSION_ENGINE)
     session = engine.SessionStore(session_key)
-    if not session.exists(session_key):
+    # One read: load() forgets a key that does not exist (or has expired),
+    # and get_user() below then reads the cached data instead of the store.
+    session._session_cache = session.load()
+    if session.session_key is None:
         return None
     request = HttpRequest()
     request.session = session

@@ -419,7 +419,7 @@ CHAT_MODERATION_OPENAI_MODEL = env.str(
 CHAT_MODERATION_OPENAI_TIMEOUT_S = env.float("CHAT_MODERATION_OPENAI_TIMEOUT_S", default=5.0)
 # Hosts the page may load images from besides itself (a Markdown image is an
 # exfiltration channel, so none by default).
-CHAT_IMG_HOSTS = env.list("CHAT_IMG_HOSTS", default=[])
+CHAT_IMAGE_HOSTS = env.list("CHAT_IMAGE_HOSTS", default=[])
 # No inline script anywhere (the admin in Django 5.2 has none either);
 # connect-src gets the page's own ws:/wss: origin added per request.
 CONTENT_SECURITY_POLICY: dict[str, dict[str, object]] = {
@@ -427,7 +427,7 @@ CONTENT_SECURITY_POLICY: dict[str, dict[str, object]] = {
         "default-src": ["'self'"],
         "script-src": ["'self'"],
         "style-src": ["'self'"],
-        "img-src": ["'self'", "data:", *CHAT_IMG_HOSTS],
+        "img-src": ["'self'", "data:", *CHAT_IMAGE_HOSTS],
         "font-src": ["'self'"],
         "connect-src": ["'self'"],
         "object-src": ["'none'"],
@@ -440,3 +440,9 @@ CONTENT_SECURITY_POLICY: dict[str, dict[str, object]] = {
 EMAIL_BACKEND = env.str(
     "DJANGO_EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend"
 )
+
+# Send the model PII-redacted text ("[EMAIL]", "[PHONE]" …) instead of what the
+# user wrote. Off by default: users often share their own details on purpose
+# ("write to anna@example.com"), and vendors are bound as data processors;
+# turn it on where policy forbids personal data leaving the service.
+CHAT_REDACT_VENDOR_TEXT = env.bool("CHAT_REDACT_VENDOR_TEXT", default=False)

@@ -509,6 +509,13 @@
         const s = state.streaming;
         // A resume replays from `after`; anything we already have is dropped.
         if (!s || s.message !== frame.message || frame.seq <= s.seq) return;
+        if (frame.replace) {
+          // A resume answered from storage: the whole text, instead of ours.
+          s.seq = frame.seq;
+          s.text = frame.text;
+          s.view.finish(frame.text);
+          break;
+        }
         if (!s.seq) s.el.querySelector(".meta").textContent = "";
         s.seq = frame.seq;
         s.text += frame.text;
@@ -526,6 +533,15 @@
         break;
       case "feedback.saved":
         onFeedbackSaved(frame);
+        break;
+      case "chat.started":
+        // Another tab of ours began a reply: follow it here if it is on screen.
+        if (frame.conversation === state.conversation && !state.streaming && !state.pending) {
+          startReply({ message: frame.message });
+          send({ type: "chat.resume", message: frame.message, after: 0 });
+        } else {
+          loadConversations();
+        }
         break;
       default:
         break;

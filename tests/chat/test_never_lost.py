@@ -161,3 +161,26 @@ def test_title_task_titles_a_conversation_once(make_user):
     conversation_title.apply(args=[conversation.pk])
     conversation.refresh_from_db()
     assert conversation.title == "Renamed by the user"
+
+
+async def test_a_stopped_fallback_reply_records_the_model_that_wrote_it(
+    ws, make_user, settings, unused_tcp_port
+):
+    settings.CHAT_MODEL = "openai:unreachable"
+    settings.OPENAI_BASE_URL = f"http://127.0.0.1:{unused_tcp_port}/v1"  # nothing listens
+    settings.CHAT_RETRY_MAX_ATTEMPTS = 1
+    settings.CHAT_FALLBACK_MODELS = ["demo:demo"]
+    settings.CHAT_DEMO_TPS = 5
+    settings.CHAT_DEMO_REPLY_TOKENS = 40
+    comm = await ws(await user_cookie(make_user))
+    await send(comm, send_frame("primary is down"))
+    accepted = await recv(comm)
+    assert accepted["model"] == "openai:unreachable"
+    first = await recv(comm)
+    assert first["type"] == "chat.delta"
+    await send(comm, {"type": "chat.stop", "message": accepted["message"]})
+    frames = await recv_until_done(comm)
+    assert frames[-1]["finish_reason"] == "cancelled" and frames[-1]["model"] == "demo:demo"
+    reply = await reload(accepted["message"])
+    assert reply.model == "demo:demo"
+    assert [step["model"] for step in reply.call_path] == ["openai:unreachable"]
