@@ -10,10 +10,7 @@ complete.
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from collections.abc import AsyncIterator
 from typing import Literal, TypeVar
 
 import anthropic
@@ -27,6 +24,9 @@ from chat.providers.base import (
     StreamEvent,
     StreamOptions,
     Usage,
+    estimate_tokens,
+    kind_for_status,
+    parse_retry_after,
 )
 
 __all__ = ["AnthropicProvider"]
@@ -270,11 +270,6 @@ def _input_tokens(usage: object) -> int | None:
     return base + cached
 
 
-def estimate_tokens(chars: int) -> int:
-    """Estimate tokens from a character count as ceil(chars / 4), a rule of thumb for English."""
-    return math.ceil(chars / 4)
-
-
 # --------------------------------------------------------------------------- errors
 
 
@@ -315,7 +310,7 @@ def _from_status_error(exc: anthropic.APIStatusError) -> ProviderError:
     elif status is None:
         kind = _ERROR_TYPES.get(err_type, "server")
     else:
-        kind = _kind_for_status(status)
+        kind = kind_for_status(status)
     prefix = f"Anthropic {status}" if status is not None else "Anthropic stream error"
     return ProviderError(
         kind,
@@ -323,40 +318,3 @@ def _from_status_error(exc: anthropic.APIStatusError) -> ProviderError:
         status=status,
         retry_after=parse_retry_after(exc.response.headers),
     )
-
-
-def _kind_for_status(status: int) -> str:
-    if status == 408:
-        return "timeout"
-    if status == 429:
-        return "rate_limited"
-    if status == 409 or status >= 500:
-        return "server"  # includes 529 overloaded
-    if status in (401, 403):
-        return "auth"
-    if status == 404:
-        return "not_found"
-    if status == 413:
-        return "context_length"
-    return "bad_request"
-
-
-def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Return the delay a response asks for, in seconds, or None.
-
-    Reads `retry-after` as seconds (floats accepted) or as an HTTP date.
-    """
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None

@@ -7,8 +7,11 @@ moderation, persistence) lives in the pipeline, so a new vendor is one module.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Literal, Protocol
 
 Role = Literal["system", "user", "assistant"]
@@ -78,3 +81,58 @@ class Provider(Protocol):
     def stream(
         self, messages: list[ChatMessage], options: StreamOptions
     ) -> AsyncIterator[StreamEvent]: ...
+
+
+def kind_for_status(status: int) -> str:
+    """Classify an HTTP error status the same way for every vendor."""
+    if status == 408:
+        return "timeout"
+    if status == 429:
+        return "rate_limited"
+    if status == 409 or status >= 500:
+        # 409 is a lock/conflict timeout upstream, 529 Anthropic's "overloaded":
+        # both are worth a retry.
+        return "server"
+    if status in (401, 403):
+        return "auth"
+    if status == 404:
+        return "not_found"
+    if status == 413:
+        return "context_length"
+    return "bad_request"
+
+
+def estimate_tokens(chars: int) -> int:
+    """Estimate tokens from a character count as ceil(chars / 4), a rule of thumb for English."""
+    return math.ceil(chars / 4)
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Return the delay a response asks for, in seconds, or None.
+
+    Reads OpenAI's `retry-after-ms`, then `retry-after` as seconds (floats
+    accepted) or as an HTTP date.
+    """
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            seconds = float(millis) / 1000
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(seconds):
+                return max(0.0, seconds)
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None

@@ -14,10 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Literal, cast
 
 import httpx2
@@ -31,6 +28,9 @@ from chat.providers.base import (
     StreamEvent,
     StreamOptions,
     Usage,
+    estimate_tokens,
+    kind_for_status,
+    parse_retry_after,
 )
 
 __all__ = ["OpenAIProvider"]
@@ -238,11 +238,6 @@ def _read_chunk(payload: str) -> tuple[str, str | None, Mapping[str, Any] | None
     return text, finish, usage, bool(choices)
 
 
-def estimate_tokens(chars: int) -> int:
-    """Estimate tokens from a character count as ceil(chars / 4), OpenAI's rule of thumb."""
-    return math.ceil(chars / 4)
-
-
 def _count(usage: Mapping[str, Any] | None, key: str) -> int | None:
     value = usage.get(key) if usage is not None else None
     if value is None:
@@ -326,54 +321,7 @@ def _from_error_body(
             "invalid_request_error": "bad_request",
         }.get(code or err_type, "server")
     else:
-        kind = _kind_for_status(status)
+        kind = kind_for_status(status)
     retry_after = parse_retry_after(headers) if headers is not None else None
     prefix = f"OpenAI {status}" if status is not None else "OpenAI stream error"
     return ProviderError(kind, f"{prefix}: {message}"[:500], status=status, retry_after=retry_after)
-
-
-def _kind_for_status(status: int) -> str:
-    if status == 408:
-        return "timeout"
-    if status == 429:
-        return "rate_limited"
-    if status == 409 or status >= 500:
-        return "server"  # 409 is a lock/conflict timeout upstream: worth a retry
-    if status in (401, 403):
-        return "auth"
-    if status == 404:
-        return "not_found"
-    if status == 413:
-        return "context_length"
-    return "bad_request"
-
-
-def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Return the delay a response asks for, in seconds, or None.
-
-    Reads OpenAI's `retry-after-ms`, then `retry-after` as seconds (floats accepted) or as
-    an HTTP date.
-    """
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            seconds = float(millis) / 1000
-        except ValueError:
-            pass
-        else:
-            if math.isfinite(seconds):
-                return max(0.0, seconds)
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
