@@ -2,12 +2,18 @@ from django.conf import settings
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect
+from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
+from django.utils.html import format_html
 
+from chat.errors import ChatError
 from chat.models import Conversation, Message, Price
 from chat.response_cache import cache_enabled, cache_switch
+from chat.staff_replay import reply_replay
+from feedback.models import ModelVersion
+from feedback.versions import as_active as version_as_active
+from feedback.versions import settings_profile
 
 
 class MessageInline(admin.TabularInline):
@@ -79,7 +85,7 @@ class MessageAdmin(admin.ModelAdmin):
     )
     search_fields = ("content",)
     list_select_related = ("conversation",)
-    readonly_fields = [f.name for f in Message._meta.fields]
+    readonly_fields = [*(f.name for f in Message._meta.fields), "replay_link"]
     show_full_result_count = False
     change_list_template = "admin/chat/message/change_list.html"
 
@@ -89,9 +95,48 @@ class MessageAdmin(admin.ModelAdmin):
                 "response-cache/",
                 self.admin_site.admin_view(self.response_cache_view),
                 name="chat_response_cache",
-            )
+            ),
+            path(
+                "<int:message_id>/replay/",
+                self.admin_site.admin_view(self.replay_view),
+                name="chat_message_replay",
+            ),
         ]
         return extra + super().get_urls()
+
+    def replay_view(self, request: HttpRequest, message_id: int) -> HttpResponse:
+        """Ask a version the reply's question again (the prompt may be edited)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        reply = get_object_or_404(
+            Message.objects.select_related("reply_to"), pk=message_id, role=Message.Role.ASSISTANT
+        )
+        versions = list(ModelVersion.objects.order_by("-number")[:50])
+        prompt = reply.reply_to.content if reply.reply_to else ""
+        chosen = ""
+        result = None
+        refusal = ""
+        if request.method == "POST":
+            prompt = request.POST.get("prompt", "")
+            chosen = request.POST.get("version", "")
+            version = next((v for v in versions if str(v.pk) == chosen), None)
+            profile = version_as_active(version) if version else settings_profile()
+            try:
+                result = reply_replay(reply=reply, prompt=prompt, version=profile)
+            except ChatError as exc:
+                refusal = exc.user_message
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Replay reply #{reply.pk}",
+            "reply": reply,
+            "prompt": prompt,
+            "versions": versions,
+            "chosen": chosen,
+            "result": result,
+            "refusal": refusal,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/chat/message/replay.html", context)
 
     def response_cache_view(self, request: HttpRequest) -> HttpResponse:
         """Show and switch the response cache for every process at once."""
@@ -113,6 +158,15 @@ class MessageAdmin(admin.ModelAdmin):
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/chat/response_cache.html", context)
+
+    @admin.display(description="replay")
+    def replay_link(self, obj: Message) -> str:
+        if obj.role != Message.Role.ASSISTANT or obj.reply_to_id is None:
+            return "—"
+        return format_html(
+            '<a href="{}">Ask a version again</a>',
+            reverse("admin:chat_message_replay", args=[obj.pk]),
+        )
 
     @admin.display(description="content")
     def short_content(self, obj: Message) -> str:

@@ -61,10 +61,10 @@ def version_for(*, conversation_id: int) -> ActiveVersion:
         challenger = split_bucket(split_id=split.pk, conversation_id=conversation_id) < (
             split.challenger_percent
         )
-        return _as_active(split.challenger if challenger else split.control)
+        return as_active(split.challenger if challenger else split.control)
     version = ModelVersion.objects.filter(is_active=True).first()
     if version is not None:
-        return _as_active(version)
+        return as_active(version)
     return settings_profile()
 
 
@@ -86,7 +86,7 @@ def settings_profile() -> ActiveVersion:
     )
 
 
-def _as_active(version: ModelVersion) -> ActiveVersion:
+def as_active(version: ModelVersion) -> ActiveVersion:
     return ActiveVersion(
         version_id=version.pk,
         model=version.model,
@@ -100,7 +100,7 @@ def _as_active(version: ModelVersion) -> ActiveVersion:
 def current_profile() -> dict[str, Any]:
     """Return the profile fields new versions start from: the active version's, or settings'."""
     active = ModelVersion.objects.filter(is_active=True).first()
-    source = _as_active(active) if active else settings_profile()
+    source = as_active(active) if active else settings_profile()
     return {
         "model": source.model,
         "fallbacks": list(source.fallbacks),
