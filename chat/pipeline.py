@@ -298,7 +298,10 @@ async def reply_run(
         await sender.close(deliver=True)
         usage = result.outcome.usage if result.outcome else None
         result.finish_reason = usage.finish_reason if usage else "stop"
-        if not result.cached and result.finish_reason == "stop" and usage is not None:
+        # Only the version's own model answers for the version: a fallback's
+        # answer is not cached under the primary's key.
+        fallback = result.outcome is not None and result.outcome.fallback
+        if not (result.cached or fallback) and result.finish_reason == "stop" and usage:
             await database_sync_to_async(_remember)(cache_key, history, sender.text, usage)
     except asyncio.CancelledError:
         result.cancelled = True

@@ -98,3 +98,18 @@ def test_non_staff_cannot_reach_the_switch(client, make_user):
     from chat.response_cache import cache_enabled
 
     assert cache_enabled() is True
+
+
+async def test_a_fallback_answer_is_not_cached_for_the_primary(
+    ws, make_user, settings, unused_tcp_port
+):
+    settings.CHAT_MODEL = "openai:unreachable"
+    settings.OPENAI_BASE_URL = f"http://127.0.0.1:{unused_tcp_port}/v1"  # nothing listens
+    settings.CHAT_RETRY_MAX_ATTEMPTS = 1
+    settings.CHAT_FALLBACK_MODELS = ["demo:demo"]
+    comm = await ws(await user_cookie(make_user, "alice"))
+    _, frames = await ask(comm, "Who answers?")
+    assert frames[-1]["model"] == "demo:demo" and frames[-1]["cached"] is False
+    other = await ws(await user_cookie(make_user, "bob"))
+    _, again = await ask(other, "Who answers?")
+    assert again[-1]["cached"] is False and again[-1]["model"] == "demo:demo"
