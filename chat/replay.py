@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,20 @@ logger = logging.getLogger(__name__)
 Listener = Callable[[dict[str, Any]], None]
 
 _STREAM_KEY = "chat:replay:{}"
+_PARTIAL_KEY = "chat:partial:{}"
+
+
+def partial_key(reply_id: int) -> str:
+    """Return the cache key of a running reply's checkpointed text (embedded mode)."""
+    return _PARTIAL_KEY.format(reply_id)
+
+
+def _store_partials(texts: dict[str, str]) -> None:
+    from django.core.cache import cache
+
+    cache.set_many(texts, timeout=settings.CHAT_REPLY_MAX_SECONDS * 2)
+
+
 _STOP_KEY = "chat:stop:{}"
 
 
@@ -61,6 +76,7 @@ class ReplayHub:
         self._flusher: asyncio.Task[None] | None = None
         self._redis: Any = None
         self._redis_loop: asyncio.AbstractEventLoop | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
 
     # --- the generating side ---------------------------------------------------
 
@@ -72,6 +88,8 @@ class ReplayHub:
         if settings.REDIS_URL:
             # Starts the flusher, which also polls for Stop from other processes.
             self._ensure_flusher()
+        elif self._checkpointer is None or self._checkpointer.done():
+            self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
         return buffer
 
     def publish_delta(self, buffer: ReplyBuffer, text: str) -> int:
@@ -185,6 +203,36 @@ class ReplayHub:
         """Ask whichever process runs this reply to stop it."""
         if settings.REDIS_URL:
             await self._client().set(_STOP_KEY.format(reply_id), b"1", ex=600)
+
+    # --- embedded mode: checkpoints for the reaper ----------------------------------
+
+    async def _checkpoint_loop(self) -> None:
+        """Copy running replies' text to the shared cache every few seconds.
+
+        In one process there is no Redis stream to read back; if this process
+        dies, the reaper (in the Celery worker) finds the text the user saw
+        here. One cache write per running reply per tick, whatever its token
+        rate; the database is not touched.
+        """
+        interval = settings.CHAT_PARTIAL_CHECKPOINT_S
+        written: dict[int, int] = {}
+        while True:
+            await asyncio.sleep(interval)
+            running = [b for b in self._buffers.values() if b.task is not None]
+            if not running:
+                return
+            changed = {
+                partial_key(b.reply_id): "".join(b.texts)
+                for b in running
+                if written.get(b.reply_id) != len(b.texts) and b.texts
+            }
+            for b in running:
+                written[b.reply_id] = len(b.texts)
+            if changed:
+                try:
+                    await sync_to_async(_store_partials, thread_sensitive=False)(changed)
+                except Exception:
+                    logger.warning("replay checkpoint failed", exc_info=True)
 
     # --- Redis -------------------------------------------------------------------
 

@@ -106,6 +106,30 @@ class SQLiteCache(BaseCache):
             (key, self._encode(value), self._expiry(timeout)),
         )
 
+    def set_many(
+        self,
+        data: dict[str, Any],
+        timeout: float | object | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> list[str]:
+        """Write every key in one transaction (one WAL commit, not one per key)."""
+        expires = self._expiry(timeout)
+        rows = [
+            (self.make_and_validate_key(key, version=version), self._encode(value), expires)
+            for key, value in data.items()
+        ]
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR REPLACE INTO cache (key, value, expires) VALUES (?, ?, ?)", rows
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return []
+
     def touch(
         self,
         key: str,

@@ -341,9 +341,15 @@ def spend_check(*, now: dt.datetime | None = None) -> Alert | None:
 
 
 def _streamed_text(reply_id: int) -> str | None:
-    """Return the text a dead process streamed, from its Redis replay stream."""
+    """Return the text a dead process streamed: its Redis replay stream when
+    scaled, else the last checkpoint it wrote to the shared cache."""
     if not settings.REDIS_URL:
-        return None
+        from django.core.cache import cache
+
+        from chat.replay import partial_key
+
+        text = cache.get(partial_key(reply_id))
+        return text if isinstance(text, str) and text else None
     try:
         import redis
 

@@ -237,6 +237,9 @@ CHAT_REPLAY_TTL_SECONDS = env.int("CHAT_REPLAY_TTL_SECONDS", default=600)
 CHAT_REPLAY_FLUSH_MS = env.int("CHAT_REPLAY_FLUSH_MS", default=50)
 # No reply may run longer than this; also bounds how long its stream is kept.
 CHAT_REPLY_MAX_SECONDS = env.int("CHAT_REPLY_MAX_SECONDS", default=600)
+# Embedded mode: how often a running reply's text is copied to the shared
+# cache, where the reaper finds it if this process dies.
+CHAT_PARTIAL_CHECKPOINT_S = env.float("CHAT_PARTIAL_CHECKPOINT_S", default=2.0)
 # A dropped socket does not stop the reply (it is saved and can be resumed)
 # unless this is set; Stop always does.
 CHAT_CANCEL_ON_DISCONNECT = env.bool("CHAT_CANCEL_ON_DISCONNECT", default=False)
