@@ -104,7 +104,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _drain_outbox(self) -> None:
         while True:
             frame = await self._outbox.get()
-            await self.send_json(frame)
+            try:
+                await self.send_json(frame)
+            except Exception:
+                # The socket is gone; its disconnect handler detaches us.
+                return
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         client_msg_id: str | None = None

@@ -240,15 +240,16 @@ async def reply_run(
     finish reason `cancelled`.
     """
     loop = asyncio.get_running_loop()
-    origin = {"attached": True}
+    origin_attached = True
 
     async def to_origin(frame: dict[str, Any]) -> None:
-        if not origin["attached"]:
+        nonlocal origin_attached
+        if not origin_attached:
             return
         try:
             await emit(frame)
         except Exception as exc:
-            origin["attached"] = False
+            origin_attached = False
             if settings.CHAT_CANCEL_ON_DISCONNECT:
                 raise ClientGone() from exc
 

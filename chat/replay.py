@@ -31,6 +31,7 @@ Listener = Callable[[dict[str, Any]], None]
 
 _STREAM_KEY = "chat:replay:{}"
 _PARTIAL_KEY = "chat:partial:{}"
+_STOP_KEY = "chat:stop:{}"
 
 
 def partial_key(reply_id: int) -> str:
@@ -42,9 +43,6 @@ def _store_partials(texts: dict[str, str]) -> None:
     from django.core.cache import cache
 
     cache.set_many(texts, timeout=settings.CHAT_REPLY_MAX_SECONDS * 2)
-
-
-_STOP_KEY = "chat:stop:{}"
 
 
 @dataclass(slots=True)

@@ -233,7 +233,10 @@ CHAT_COALESCE_MAX_CHARS = env.int("CHAT_COALESCE_MAX_CHARS", default=4096)
 CHAT_BLOCK_INJECTION_SCORE = env.float("CHAT_BLOCK_INJECTION_SCORE", default=None)
 
 # Resumable streams (docs/decisions/0005-resumable-streams.md).
-CHAT_REPLAY_TTL_SECONDS = env.int("CHAT_REPLAY_TTL_SECONDS", default=600)
+# How long a finished reply's deltas stay replayable. Each process holds its
+# replies' text this long, so it bounds memory (at 100 replies/s of 2 KB,
+# 120 s is ~24 MB); a later resume is answered from the database.
+CHAT_REPLAY_TTL_SECONDS = env.int("CHAT_REPLAY_TTL_SECONDS", default=120)
 CHAT_REPLAY_FLUSH_MS = env.int("CHAT_REPLAY_FLUSH_MS", default=50)
 # No reply may run longer than this; also bounds how long its stream is kept.
 CHAT_REPLY_MAX_SECONDS = env.int("CHAT_REPLY_MAX_SECONDS", default=600)
