@@ -141,7 +141,7 @@ def _admit(
         # Nothing new will run: give the budget back at once.
         limits.budget_settle(reservation=reservation, cost_usd=Decimal("0"), tokens=0)
         return accepted, None
-    return accepted.with_reservation(reservation), _prepare(accepted)
+    return accepted.with_reservation(reservation), _prepare(accepted, content)
 
 
 def accepted_frame(accepted: Accepted) -> dict[str, Any]:
@@ -172,14 +172,20 @@ class _Result:
     cached: bool = False
 
 
-def _prepare(accepted: Accepted) -> Prepared:
+def _prepare(accepted: Accepted, content: str) -> Prepared:
     """Return the history to send, its cache key and a cached reply if there is one."""
-    history = selectors.history_for_model(
-        conversation_id=accepted.conversation_id,
-        upto_message_id=accepted.user_message_id,
-        budget_tokens=settings.CHAT_CONTEXT_TOKENS,
-        system_prompt=accepted.plan_system_prompt,
-    )
+    if accepted.conversation_created:
+        # Nothing came before the message just stored: no need to read it back.
+        history = [ChatMessage(role="user", content=content)]
+        if accepted.plan_system_prompt:
+            history.insert(0, ChatMessage(role="system", content=accepted.plan_system_prompt))
+    else:
+        history = selectors.history_for_model(
+            conversation_id=accepted.conversation_id,
+            upto_message_id=accepted.user_message_id,
+            budget_tokens=settings.CHAT_CONTEXT_TOKENS,
+            system_prompt=accepted.plan_system_prompt,
+        )
     key = response_cache.response_key(
         plan=accepted.plan, version_id=accepted.version_id, history=history
     )

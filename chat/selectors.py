@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from chat import sql
 from chat.errors import NotFound
 from chat.models import Conversation, Message
 from chat.owners import Owner
@@ -113,6 +114,15 @@ def conversation_messages(*, owner: Owner, conversation_id: object) -> list[dict
     ]
 
 
+# Runs for every message: built once (chat/sql.py).
+_history_rows = sql.Select(
+    Message,
+    "SELECT {role}, {content} FROM {table} WHERE {conversation} = %s AND {id} <= %s"
+    " AND {superseded_at} IS NULL AND NOT ({role} = %s AND {content} = '')"
+    " ORDER BY {id} DESC LIMIT 200",
+)
+
+
 def history_for_model(
     *, conversation_id: int, upto_message_id: int, budget_tokens: int, system_prompt: str = ""
 ) -> list[ChatMessage]:
@@ -121,14 +131,7 @@ def history_for_model(
     Failed or empty replies are left out: the model should not see its own
     error placeholders. The newest user message is always kept.
     """
-    rows = list(
-        Message.objects.filter(
-            conversation_id=conversation_id, id__lte=upto_message_id, superseded_at__isnull=True
-        )
-        .exclude(role=Message.Role.ASSISTANT, content="")
-        .order_by("-id")
-        .values_list("role", "content")[:200]
-    )
+    rows = _history_rows.rows([conversation_id, upto_message_id, Message.Role.ASSISTANT])
     kept: list[ChatMessage] = []
     used = estimate_tokens(system_prompt)
     for role, content in rows:

@@ -4,8 +4,10 @@ through `database_sync_to_async`, and never wraps a network call."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -13,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from chat import sql
 from chat.callpath import ModelPlan
-from chat.errors import InvalidInput
+from chat.errors import InvalidInput, NotFound
 from chat.models import Conversation, Message
 from chat.owners import Owner
 from chat.selectors import access_conversation, access_reply, access_user_message
@@ -22,6 +25,8 @@ from chat.selectors import access_conversation, access_reply, access_user_messag
 if TYPE_CHECKING:
     from chat.safety.limits import Reservation
     from feedback.versions import ActiveVersion
+
+logger = logging.getLogger(__name__)
 
 TITLE_WORDS = 8
 
@@ -66,9 +71,8 @@ def message_accept(
     message and everything after it leave the visible history first (the rows
     and their feedback stay): editing replaces, it does not branch.
     """
-    existing = _accepted_for(owner=owner, client_msg_id=client_msg_id)
-    if existing is not None:
-        return existing
+    # A retried send trips the unique (owner_key, client_msg_id) constraint
+    # and gets the first send's ids below; a first send pays no lookup.
     try:
         # The user message and its pending reply exist together or not at all.
         with transaction.atomic():
@@ -80,20 +84,20 @@ def message_accept(
                     superseded_at=timezone.now()
                 )
                 conversation.save(update_fields=["updated_at"])
-                created = False
+                conversation_pk, created = conversation.pk, False
             elif conversation_id is None:
-                conversation = Conversation.objects.create(
+                conversation_pk = _insert_conversation.run(
                     user_id=owner.user_id,
                     session_key="" if owner.user_id is not None else owner.session_key,
                 )
                 created = True
             else:
-                conversation = access_conversation(owner=owner, conversation_id=conversation_id)
-                # Bumps updated_at so the list shows the active chat first.
-                conversation.save(update_fields=["updated_at"])
-                created = False
-            user_message = Message.objects.create(
-                conversation=conversation,
+                # Checks the owner and bumps updated_at (the list shows the
+                # active chat first) in one statement.
+                _conversation_touch(owner=owner, conversation_id=conversation_id)
+                conversation_pk, created = conversation_id, False
+            user_message_id = _insert_message.run(
+                conversation_id=conversation_pk,
                 role=Message.Role.USER,
                 content=content,
                 owner_key=owner.key,
@@ -101,21 +105,62 @@ def message_accept(
                 injection_score=injection_score,
                 injection_signals=injection_signals or [],
             )
-            version = version_for(conversation_id=conversation.pk)
-            reply = _pending_reply(
-                conversation=conversation, user_message=user_message, version=version
+            version = version_for(conversation_id=conversation_pk)
+            reply_id = _insert_message.run(
+                conversation_id=conversation_pk,
+                role=Message.Role.ASSISTANT,
+                status=Message.Status.PENDING,
+                reply_to_id=user_message_id,
+                model=version.model,
+                version_id=version.version_id,
             )
             if created:
-                transaction.on_commit(lambda: _title_later(conversation.pk), robust=True)
+                transaction.on_commit(lambda: _title_later(conversation_pk), robust=True)
     except IntegrityError:
-        # Two sends with the same id raced; the other one won.
+        # A retry of an earlier send (or two sends with the same id racing).
         existing = _accepted_for(owner=owner, client_msg_id=client_msg_id)
         if existing is None:
             raise
         return existing
     return _accepted(
-        owner=owner, client_msg_id=client_msg_id, reply=reply, version=version, created=created
+        owner=owner,
+        client_msg_id=client_msg_id,
+        ids=(conversation_pk, user_message_id, reply_id),
+        version=version,
+        created=created,
     )
+
+
+_insert_conversation = sql.Insert(Conversation)
+_insert_message = sql.Insert(Message)
+_touch_user_conversation = sql.Update(
+    Conversation, set_fields=["updated_at"], where=["id", "user_id"]
+)
+_touch_session_conversation = sql.Update(
+    Conversation, set_fields=["updated_at"], where=["id", "session_key"], where_null=["user_id"]
+)
+_MAX_ID = 2**63 - 1
+
+
+def _conversation_touch(*, owner: Owner, conversation_id: object) -> None:
+    """Bump the owner's conversation's updated_at, or raise NotFound for any other id."""
+    if (
+        isinstance(conversation_id, bool)
+        or not isinstance(conversation_id, int)
+        or not 0 < conversation_id <= _MAX_ID
+    ):
+        raise NotFound()
+    now = timezone.now()
+    if owner.user_id is not None:
+        touched = _touch_user_conversation.run(
+            where=[conversation_id, owner.user_id], updated_at=now
+        )
+    else:
+        touched = _touch_session_conversation.run(
+            where=[conversation_id, owner.session_key], updated_at=now
+        )
+    if touched != 1:
+        raise NotFound()
 
 
 def reply_regenerate(
@@ -149,16 +194,23 @@ def reply_regenerate(
         if user_message is None:
             raise InvalidInput("Only the last reply in a conversation can be regenerated.")
         version = version_for(conversation_id=conversation.pk)
-        reply = _pending_reply(
-            conversation=conversation,
-            user_message=user_message,
-            version=version,
+        reply_id = _insert_message.run(
+            conversation_id=conversation.pk,
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.PENDING,
+            reply_to_id=user_message.pk,
+            model=version.model,
+            version_id=version.version_id,
             # The regenerated reply carries the idempotency key itself.
             owner_key=owner.key,
             client_msg_id=client_msg_id,
         )
     accepted = _accepted(
-        owner=owner, client_msg_id=client_msg_id, reply=reply, version=version, created=False
+        owner=owner,
+        client_msg_id=client_msg_id,
+        ids=(conversation.pk, user_message.pk, reply_id),
+        version=version,
+        created=False,
     )
     return dataclasses.replace(accepted, bypass_cache=True)
 
@@ -168,39 +220,20 @@ def _check_nothing_pending(conversation: Conversation) -> None:
         raise InvalidInput("Wait for the reply to finish, or stop it, before editing.")
 
 
-def _pending_reply(
-    *,
-    conversation: Conversation,
-    user_message: Message,
-    version: ActiveVersion,
-    owner_key: str = "",
-    client_msg_id: uuid.UUID | None = None,
-) -> Message:
-    return Message.objects.create(
-        conversation=conversation,
-        role=Message.Role.ASSISTANT,
-        status=Message.Status.PENDING,
-        reply_to=user_message,
-        model=version.model,
-        version_id=version.version_id,
-        owner_key=owner_key,
-        client_msg_id=client_msg_id,
-    )
-
-
 def _accepted(
     *,
     owner: Owner,
     client_msg_id: uuid.UUID,
-    reply: Message,
+    ids: tuple[int, int, int],
     version: ActiveVersion,
     created: bool,
 ) -> Accepted:
-    assert reply.reply_to_id is not None
+    """`ids`: the conversation, the user message and the pending reply."""
+    conversation_id, user_message_id, reply_id = ids
     return Accepted(
-        conversation_id=reply.conversation_id,
-        user_message_id=reply.reply_to_id,
-        reply_id=reply.pk,
+        conversation_id=conversation_id,
+        user_message_id=user_message_id,
+        reply_id=reply_id,
         model=version.model,
         client_msg_id=str(client_msg_id),
         conversation_created=created,
@@ -245,10 +278,46 @@ def _accepted_for(*, owner: Owner, client_msg_id: uuid.UUID) -> Accepted | None:
     )
 
 
+# Enqueueing writes to the broker (a file in the embedded mode); it happens on
+# this thread so the database thread, which every message's accept waits on,
+# does not wait for it.
+_enqueuer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-enqueue")
+
+
 def _title_later(conversation_id: int) -> None:
+    _enqueuer.submit(_title_enqueue, conversation_id)
+
+
+def _title_enqueue(conversation_id: int) -> None:
     from chat.tasks import conversation_title
 
-    conversation_title.delay(conversation_id)
+    try:
+        conversation_title.delay(conversation_id)
+    except Exception:
+        logger.warning("could not enqueue the title of conversation %s", conversation_id)
+
+
+_finish_pending = sql.Update(
+    Message,
+    set_fields=[
+        "status",
+        "content",
+        "finish_reason",
+        "model",
+        "ttft_ms",
+        "latency_ms",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
+        "error_code",
+        "usage_estimated",
+        "call_path",
+        "moderation",
+        "cached",
+        "finished_at",
+    ],
+    where=["id", "status"],
+)
 
 
 def reply_finish(
@@ -273,7 +342,8 @@ def reply_finish(
     The status guard makes a second finisher (a late cancel, the reaper) a
     no-op instead of overwriting what the first one stored.
     """
-    updated = Message.objects.filter(pk=reply_id, status=Message.Status.PENDING).update(
+    updated = _finish_pending.run(
+        where=[reply_id, Message.Status.PENDING],
         status=Message.Status.FINISHED,
         content=content,
         finish_reason=finish_reason,

@@ -5,4 +5,7 @@ class FeedbackConfig(AppConfig):
     name = "feedback"
 
     def ready(self) -> None:
-        from feedback import checks  # noqa: F401 - registers the system checks
+        from feedback import (
+            checks,  # noqa: F401 - registers the system checks
+            versions,  # noqa: F401 - connects the version snapshot's signals
+        )

@@ -6,9 +6,11 @@ Every change writes a `VersionEvent` (who, when, what changed).
 
 Rules the rest of the product relies on:
 
-* `version_for` reads the database on every call (two indexed lookups on tiny
-  tables) and caches nothing, so an activation, a rollback or a split is used
-  by the very next reply, in every process.
+* `version_for` answers from a per-process snapshot of the active version
+  and the running split (`chat.snapshots`): every change here (and any save
+  of a version or split row) sets a new shared token, so an activation, a
+  rollback or a split is used by the very next reply, in every process, and
+  a message costs one cache read instead of two queries.
 * With no version row at all it answers from settings (`CHAT_MODEL`,
   `CHAT_FALLBACK_MODELS`, `CHAT_SYSTEM_PROMPT`) with `version_id=None`, so a
   fresh install chats without any setup. v1 is not created behind the
@@ -35,8 +37,11 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Max
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from django.utils import timezone
 
+from chat.snapshots import Snapshot
 from feedback.models import ModelVersion, VersionEvent, VersionSplit
 
 PROFILE_FIELDS = ("model", "fallbacks", "system_prompt", "temperature", "max_tokens")
@@ -52,19 +57,54 @@ class ActiveVersion:
     max_tokens: int | None
 
 
-def version_for(*, conversation_id: int) -> ActiveVersion:
-    """Return the version that should answer this conversation's next message."""
+@dataclass(frozen=True, slots=True)
+class _Routing:
+    """Who answers new messages: the active version, or a running split's two sides."""
+
+    active: ActiveVersion | None
+    split_id: int | None = None
+    challenger_percent: int = 0
+    control: ActiveVersion | None = None
+    challenger: ActiveVersion | None = None
+
+
+def _load_routing() -> _Routing:
     split = (
         VersionSplit.objects.filter(is_running=True).select_related("control", "challenger").first()
     )
     if split is not None:
-        challenger = split_bucket(split_id=split.pk, conversation_id=conversation_id) < (
-            split.challenger_percent
+        return _Routing(
+            active=as_active(split.control),
+            split_id=split.pk,
+            challenger_percent=split.challenger_percent,
+            control=as_active(split.control),
+            challenger=as_active(split.challenger),
         )
-        return as_active(split.challenger if challenger else split.control)
     version = ModelVersion.objects.filter(is_active=True).first()
-    if version is not None:
-        return as_active(version)
+    return _Routing(active=as_active(version) if version is not None else None)
+
+
+_routing = Snapshot("versions", _load_routing)
+
+
+@receiver(post_save, sender=ModelVersion)
+@receiver(post_delete, sender=ModelVersion)
+@receiver(post_save, sender=VersionSplit)
+@receiver(post_delete, sender=VersionSplit)
+def _routing_rows_changed(**kwargs: Any) -> None:
+    _routing.changed()
+
+
+def version_for(*, conversation_id: int) -> ActiveVersion:
+    """Return the version that should answer this conversation's next message."""
+    routing = _routing.get()
+    if routing.split_id is not None and routing.control and routing.challenger:
+        challenger = split_bucket(split_id=routing.split_id, conversation_id=conversation_id) < (
+            routing.challenger_percent
+        )
+        return routing.challenger if challenger else routing.control
+    if routing.active is not None:
+        return routing.active
     return settings_profile()
 
 
@@ -249,6 +289,7 @@ def _activate(*, version: ModelVersion, actor_id: int | None, kind: str) -> None
         # The one-active constraint needs the old row cleared first.
         ModelVersion.objects.filter(pk=previous.pk).update(is_active=False)
     ModelVersion.objects.filter(pk=version.pk).update(is_active=True)
+    _routing.changed()
     version.is_active = True
     VersionEvent.objects.create(
         kind=kind,
@@ -303,6 +344,7 @@ def _split_end(*, actor_id: int | None, note: str) -> bool:
     if split is None:
         return False
     VersionSplit.objects.filter(pk=split.pk).update(is_running=False, ended_at=timezone.now())
+    _routing.changed()
     VersionEvent.objects.create(
         kind=VersionEvent.Kind.SPLIT_ENDED,
         version_id=split.challenger_id,

@@ -33,6 +33,8 @@ from decimal import ROUND_CEILING, Decimal
 from django.conf import settings
 from django.core.cache import BaseCache, caches
 from django.db.models import Sum
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from django.http import HttpRequest
 from django.utils import timezone
 from django_ratelimit.core import get_usage
@@ -40,6 +42,7 @@ from django_ratelimit.core import get_usage
 from chat.errors import BudgetExceeded, Forbidden, RateLimited
 from chat.models import AbuseBlock, Message
 from chat.owners import Owner
+from chat.snapshots import Snapshot
 from monitoring import metrics
 
 logger = logging.getLogger(__name__)
@@ -91,15 +94,31 @@ def _subjects(owner: Owner, client_ip: str) -> list[str]:
     return [owner.key, f"ip:{client_ip}"] if client_ip else [owner.key]
 
 
-def abuse_block_active(*, subjects: list[str]) -> AbuseBlock | None:
-    """Return the active block that ends last among these subjects, if any."""
-    return (
-        AbuseBlock.objects.filter(
-            subject__in=subjects, lifted_at__isnull=True, expires_at__gt=timezone.now()
-        )
-        .order_by("-expires_at")
-        .first()
-    )
+def _load_blocks() -> dict[str, datetime]:
+    """Return when each blocked subject's last active block ends."""
+    ends: dict[str, datetime] = {}
+    rows = AbuseBlock.objects.filter(lifted_at__isnull=True, expires_at__gt=timezone.now())
+    for subject, expires_at in rows.values_list("subject", "expires_at"):
+        ends[subject] = max(expires_at, ends.get(subject, expires_at))
+    return ends
+
+
+# Blocks are read on every send and change rarely: see chat/snapshots.py.
+_blocks = Snapshot("abuse-blocks", _load_blocks)
+
+
+@receiver(post_save, sender=AbuseBlock)
+@receiver(post_delete, sender=AbuseBlock)
+def _block_rows_changed(**kwargs: object) -> None:
+    _blocks.changed()
+
+
+def abuse_block_ends(*, subjects: list[str]) -> datetime | None:
+    """Return when the active block that ends last among these subjects ends, if any."""
+    now = timezone.now()
+    ends = _blocks.get()
+    found = [ends[s] for s in subjects if s in ends and ends[s] > now]
+    return max(found) if found else None
 
 
 def abuse_block_create(*, subject: str, reason: str, seconds: int) -> AbuseBlock:
@@ -115,6 +134,7 @@ def abuse_block_lift(*, block_ids: list[int], by_user_id: int | None) -> int:
     blocks = AbuseBlock.objects.filter(pk__in=block_ids, lifted_at__isnull=True)
     subjects = list(blocks.values_list("subject", flat=True))
     lifted = blocks.update(lifted_at=timezone.now(), lifted_by_id=by_user_id)
+    _blocks.changed()
     cache = _counters()
     for subject in subjects:
         cache.delete(_violation_key(subject))
@@ -144,13 +164,13 @@ def record_violation(*, owner: Owner, client_ip: str, kind: str) -> None:
 
 
 def _check_not_blocked(owner: Owner, client_ip: str) -> None:
-    block = abuse_block_active(subjects=_subjects(owner, client_ip))
-    if block is None:
+    ends = abuse_block_ends(subjects=_subjects(owner, client_ip))
+    if ends is None:
         return
-    left = max(1.0, (block.expires_at - timezone.now()).total_seconds())
+    left = max(1.0, (ends - timezone.now()).total_seconds())
     raise Forbidden(
         "You are temporarily blocked after repeated violations of the usage policy. "
-        f"The block ends at {block.expires_at:%H:%M} UTC, in {_duration(left)}.",
+        f"The block ends at {ends:%H:%M} UTC, in {_duration(left)}.",
         retry_after=left,
     )
 

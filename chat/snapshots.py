@@ -1,0 +1,73 @@
+"""Per-process copies of rarely changing rows, checked against a shared change token.
+
+Every `chat.send` needs the active model version (and a running split) and
+the active abuse blocks. Reading them from the database costs three queries a
+message, for rows that change a few times a day. A `Snapshot` keeps what its
+loader returned together with the token it was loaded under; whoever changes
+the rows calls `changed()`, which sets a new token in the shared cache (the
+SQLite cache file in the embedded mode, Redis when scaled), so every process
+reloads at its next read. A read costs one cache get.
+
+`changed()` sets a token at once and again when the transaction commits: a
+process that reloads between the two would otherwise keep rows from before
+the commit under the newest token. When the cache cannot be read, every read
+goes to the database, as if there were no snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from django.core.cache import cache
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Snapshot(Generic[T]):
+    def __init__(self, name: str, load: Callable[[], T]) -> None:
+        self.key = f"snapshot:{name}"
+        self._load = load
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._value: T | None = None
+
+    def get(self) -> T:
+        token = self._shared_token()
+        if token is not None and token == self._token:
+            return self._value  # type: ignore[return-value]
+        value = self._load()
+        if token is not None:
+            with self._lock:
+                self._token, self._value = token, value
+        return value
+
+    def changed(self) -> None:
+        """Make every process reload: now, and once more when the transaction commits."""
+        self._bump()
+        transaction.on_commit(self._bump, robust=True)
+
+    def _bump(self) -> None:
+        with self._lock:
+            self._token = None
+        try:
+            cache.set(self.key, uuid.uuid4().hex, None)
+        except Exception:
+            logger.warning("could not publish a change of %s", self.key)
+
+    def _shared_token(self) -> str | None:
+        try:
+            token = cache.get(self.key)
+            if token is None:
+                # First reader since the cache was emptied: agree on one token.
+                cache.add(self.key, uuid.uuid4().hex, None)
+                token = cache.get(self.key)
+        except Exception:
+            return None
+        return token if isinstance(token, str) else None
