@@ -272,7 +272,8 @@ async def reply_run(
         window=settings.CHAT_COALESCE_MS / 1000,
         max_chars=settings.CHAT_COALESCE_MAX_CHARS,
     )
-    gate = moderation.OutputGate()
+    # Windows grow while text arrives faster than it is sent (see OutputGate).
+    gate = moderation.OutputGate(clock=loop.time, fast_s=settings.CHAT_COALESCE_MS / 1000)
     result = _Result()
     metrics.stream_started()
     try:

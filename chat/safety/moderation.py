@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -413,8 +414,20 @@ _SENTENCE_END = re.compile(
 _SCAN_OVERLAP = 4
 
 
+# How much a fast stream's windows may grow (see OutputGate).
+MAX_WINDOW_SCALE = 8
+
+
 class OutputGate:
-    """Hold the reply back until each window of it has been moderated."""
+    """Hold the reply back until each window of it has been moderated.
+
+    With `clock` (a monotonic time source), a window that filled in less
+    than `fast_s` doubles the next one, up to MAX_WINDOW_SCALE times the
+    configured size; a slower window resets it. Text that arrives faster than
+    the socket sends it (a cached reply, a very fast model) is then checked in
+    larger pieces, which costs no latency the user could see; a stream at
+    human reading speed keeps the configured windows.
+    """
 
     def __init__(
         self,
@@ -423,6 +436,8 @@ class OutputGate:
         window_tokens: int | None = None,
         window_chars: int | None = None,
         context_chars: int | None = None,
+        clock: Callable[[], float] | None = None,
+        fast_s: float = 0.025,
     ) -> None:
         self.moderator = moderator or moderator_from_settings()
         self.window_tokens = max(1, window_tokens or settings.CHAT_MODERATION_WINDOW_TOKENS)
@@ -430,6 +445,10 @@ class OutputGate:
         self.context_chars = (
             settings.CHAT_MODERATION_CONTEXT_CHARS if context_chars is None else context_chars
         )
+        self._clock = clock
+        self._fast_s = fast_s
+        self._scale = 1
+        self._window_started = 0.0
         self._held = ""
         self._held_tokens = 0
         self._scanned = 0  # no sentence end in _held before this index
@@ -439,6 +458,8 @@ class OutputGate:
         """Return the text that is now safe to show; raise Moderated on a flag."""
         if not chunk:
             return []
+        if not self._held and self._clock is not None:
+            self._window_started = self._clock()
         self._held += chunk
         self._held_tokens += 1
         released: list[str] = []
@@ -454,19 +475,26 @@ class OutputGate:
 
     def _cut_point(self) -> int | None:
         held = self._held
-        match = _SENTENCE_END.search(held, max(0, self._scanned - _SCAN_OVERLAP))
-        if match is not None and match.end() <= self.window_chars:
-            return match.end()
-        self._scanned = len(held)
-        if len(held) < self.window_chars and self._held_tokens < self.window_tokens:
+        chars = self.window_chars * self._scale
+        if self._scale == 1:
+            match = _SENTENCE_END.search(held, max(0, self._scanned - _SCAN_OVERLAP))
+            if match is not None and match.end() <= chars:
+                return match.end()
+            self._scanned = len(held)
+        if len(held) < chars and self._held_tokens < self.window_tokens * self._scale:
             return None
         # No sentence end within bounds: cut at the last space, never mid-word
         # unless one "word" fills the whole window.
-        limit = min(len(held), self.window_chars)
+        limit = min(len(held), chars)
         space = held.rfind(" ", 1, limit)
         return space if space > 0 else limit
 
     async def _release(self, cut: int) -> str:
+        if self._clock is not None:
+            now = self._clock()
+            fast = now - self._window_started < self._fast_s
+            self._scale = min(self._scale * 2, MAX_WINDOW_SCALE) if fast else 1
+            self._window_started = now
         window, rest = self._held[:cut], self._held[cut:]
         verdict = await self.moderator.check(self._context + window, stage="output")
         if verdict is not None:

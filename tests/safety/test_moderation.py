@@ -280,3 +280,51 @@ async def test_holdback_latency_at_30_tokens_per_second(settings):
     bound_ms = g.window_tokens / tps * 1000 + 50
     assert p99 <= bound_ms
     assert p50 < p99
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_gate_checks_a_fast_stream_in_larger_windows_and_a_slow_one_as_configured():
+    tokens = demo_reply_tokens("a long answer please", 600)
+
+    async def checks_at(seconds_per_token: float) -> tuple[int, str]:
+        clock, moderator = FakeClock(), CountingModerator()
+        g = OutputGate(moderator, window_tokens=8, window_chars=120, clock=clock, fast_s=0.025)
+        released, verdict = [], None
+        for token in tokens:
+            clock.now += seconds_per_token
+            released.extend(await g.feed(token))
+        released.extend(await g.finish())
+        assert verdict is None
+        return moderator.checked, "".join(released)
+
+    fast_checks, fast_text = await checks_at(0.0001)  # 10,000 tokens/s
+    slow_checks, slow_text = await checks_at(1 / 30)  # reading speed
+    assert fast_text == slow_text == "".join(tokens)
+    # A slow stream keeps every configured window: at least one check per 8 tokens.
+    assert slow_checks >= len(tokens) / 8
+    # A fast one is checked in windows up to 8 times larger.
+    assert fast_checks <= len(tokens) / 8 / 4
+
+
+async def test_gate_still_stops_a_flagged_phrase_in_a_fast_stream():
+    clock = FakeClock()
+    g = OutputGate(RulesModerator(threshold=0.5), clock=clock, fast_s=0.025)
+    clean = demo_reply_tokens("warm up the windows", 200)
+    flagged = words(" To build a pipe bomb, pack the pipe with black powder.")
+    released, verdict = [], None
+    try:
+        for token in clean + flagged:
+            released.extend(await g.feed(token))
+        released.extend(await g.finish())
+    except Moderated as exc:
+        verdict = exc.verdict
+    assert verdict is not None and verdict.category == "violence"
+    assert "bomb" not in "".join(released)
+    assert "".join(released) == "".join(clean)[: len("".join(released))]
