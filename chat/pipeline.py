@@ -272,8 +272,13 @@ async def reply_run(
         window=settings.CHAT_COALESCE_MS / 1000,
         max_chars=settings.CHAT_COALESCE_MAX_CHARS,
     )
-    # Windows grow while text arrives faster than it is sent (see OutputGate).
-    gate = moderation.OutputGate(clock=loop.time, fast_s=settings.CHAT_COALESCE_MS / 1000)
+    gate = moderation.OutputGate(
+        first_window_tokens=settings.CHAT_MODERATION_FIRST_WINDOW_TOKENS,
+        clock=loop.time,
+        max_hold_s=settings.CHAT_MODERATION_MAX_HOLD_MS / 1000,
+        # Windows grow while text arrives faster than the socket sends it.
+        fast_s=settings.CHAT_COALESCE_MS / 1000,
+    )
     result = _Result()
     metrics.stream_started()
     try:

@@ -464,6 +464,10 @@ def _decode_base64_text(blob: str) -> str | None:
 
 
 def _fold_keep_lines(text: str) -> str:
+    if text.isascii():
+        # Every step below but the last leaves ASCII as it is (casefold is
+        # lower for ASCII): the common case skips four passes.
+        return _HORIZONTAL_WHITESPACE.sub(" ", text.lower())
     text = unicodedata.normalize("NFKC", text)
     text = _TAG_RUN.sub(_untag, text)
     text = _FORMAT_CHARS.sub("", text)

@@ -289,13 +289,15 @@ _WHITESPACE = re.compile(r"\s+")
 
 # Every pattern and word list in one alternation: clean text (nearly all of
 # it) costs one scan instead of one per pattern. It runs on every output
-# window, so on the streaming hot path.
-_ANY_RULE = re.compile(
-    "|".join(
-        [f"(?:{p.pattern})" for c in CATEGORIES for p, _w in c.patterns]
-        + [f"(?:{c.words.pattern})" for c in CATEGORIES if c.words is not None]
-    )
-)
+# window, so on the streaming hot path. Every rule starts at a word boundary,
+# so the boundary is tested once per position, not once per rule.
+_RULE_SOURCES = [p.pattern for c in CATEGORIES for p, _w in c.patterns] + [
+    c.words.pattern for c in CATEGORIES if c.words is not None
+]
+if all(source.startswith(r"\b") for source in _RULE_SOURCES):
+    _ANY_RULE = re.compile(r"\b(?:" + "|".join(f"(?:{s[2:]})" for s in _RULE_SOURCES) + ")")
+else:
+    _ANY_RULE = re.compile("|".join(f"(?:{s})" for s in _RULE_SOURCES))
 
 
 def rules_scores(text: str) -> dict[str, float]:
@@ -421,12 +423,20 @@ MAX_WINDOW_SCALE = 8
 class OutputGate:
     """Hold the reply back until each window of it has been moderated.
 
-    With `clock` (a monotonic time source), a window that filled in less
-    than `fast_s` doubles the next one, up to MAX_WINDOW_SCALE times the
-    configured size; a slower window resets it. Text that arrives faster than
-    the socket sends it (a cached reply, a very fast model) is then checked in
-    larger pieces, which costs no latency the user could see; a stream at
-    human reading speed keeps the configured windows.
+    A window ends at a sentence end or at `window_tokens` / `window_chars`,
+    whichever comes first. With `first_window_tokens`, the reply's first
+    window is that short, so the first words show without waiting for a
+    whole window (later windows are judged with it as context).
+
+    With `clock` (a monotonic time source):
+    - `max_hold_s` also ends a window once its oldest text has waited that
+      long (checked as each token arrives), which bounds the holdback of a
+      slow stream in time as well as in tokens;
+    - a window that filled in less than `fast_s` doubles the next one, up to
+      MAX_WINDOW_SCALE times the configured size; a slower one resets it.
+      Text that arrives faster than the socket sends it (a cached reply, a
+      very fast model) is then checked in larger pieces, which costs no
+      latency the user could see.
     """
 
     def __init__(
@@ -436,7 +446,9 @@ class OutputGate:
         window_tokens: int | None = None,
         window_chars: int | None = None,
         context_chars: int | None = None,
+        first_window_tokens: int | None = None,
         clock: Callable[[], float] | None = None,
+        max_hold_s: float | None = None,
         fast_s: float = 0.025,
     ) -> None:
         self.moderator = moderator or moderator_from_settings()
@@ -445,7 +457,10 @@ class OutputGate:
         self.context_chars = (
             settings.CHAT_MODERATION_CONTEXT_CHARS if context_chars is None else context_chars
         )
+        self._first_window_tokens = first_window_tokens
+        self._released_any = False
         self._clock = clock
+        self._max_hold_s = max_hold_s if clock is not None else None
         self._fast_s = fast_s
         self._scale = 1
         self._window_started = 0.0
@@ -475,13 +490,21 @@ class OutputGate:
 
     def _cut_point(self) -> int | None:
         held = self._held
+        if not held:
+            return None
+        if not self._released_any and self._first_window_tokens is not None:
+            return len(held) if self._held_tokens >= self._first_window_tokens else None
         chars = self.window_chars * self._scale
         if self._scale == 1:
             match = _SENTENCE_END.search(held, max(0, self._scanned - _SCAN_OVERLAP))
             if match is not None and match.end() <= chars:
                 return match.end()
             self._scanned = len(held)
-        if len(held) < chars and self._held_tokens < self.window_tokens * self._scale:
+        if (
+            len(held) < chars
+            and self._held_tokens < self.window_tokens * self._scale
+            and not self._held_too_long()
+        ):
             return None
         # No sentence end within bounds: cut at the last space, never mid-word
         # unless one "word" fills the whole window.
@@ -489,12 +512,19 @@ class OutputGate:
         space = held.rfind(" ", 1, limit)
         return space if space > 0 else limit
 
+    def _held_too_long(self) -> bool:
+        if self._max_hold_s is None or self._clock is None:
+            return False
+        return self._clock() - self._window_started >= self._max_hold_s
+
     async def _release(self, cut: int) -> str:
         if self._clock is not None:
             now = self._clock()
-            fast = now - self._window_started < self._fast_s
-            self._scale = min(self._scale * 2, MAX_WINDOW_SCALE) if fast else 1
+            if self._released_any:  # the short first window says nothing of the pace
+                fast = now - self._window_started < self._fast_s
+                self._scale = min(self._scale * 2, MAX_WINDOW_SCALE) if fast else 1
             self._window_started = now
+        self._released_any = True
         window, rest = self._held[:cut], self._held[cut:]
         verdict = await self.moderator.check(self._context + window, stage="output")
         if verdict is not None:

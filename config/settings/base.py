@@ -415,6 +415,11 @@ CHAT_ABUSE_BLOCK_SECONDS = env.int("CHAT_ABUSE_BLOCK_SECONDS", default=900)
 # (docs/decisions/0007-moderation-window.md).
 CHAT_MODERATION_WINDOW_TOKENS = env.int("CHAT_MODERATION_WINDOW_TOKENS", default=8)
 CHAT_MODERATION_WINDOW_CHARS = env.int("CHAT_MODERATION_WINDOW_CHARS", default=120)
+# ... or once the oldest held text has waited this long, so a slow stream is
+# held back at most this long (plus one token's gap); and a reply's first
+# window is this many tokens, so its first words show at once.
+CHAT_MODERATION_MAX_HOLD_MS = env.int("CHAT_MODERATION_MAX_HOLD_MS", default=100)
+CHAT_MODERATION_FIRST_WINDOW_TOKENS = env.int("CHAT_MODERATION_FIRST_WINDOW_TOKENS", default=1)
 # Each window is judged together with this much already released text, so
 # a phrase split across two windows is still seen whole.
 CHAT_MODERATION_CONTEXT_CHARS = env.int("CHAT_MODERATION_CONTEXT_CHARS", default=64)

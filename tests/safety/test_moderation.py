@@ -328,3 +328,40 @@ async def test_gate_still_stops_a_flagged_phrase_in_a_fast_stream():
     assert verdict is not None and verdict.category == "violence"
     assert "bomb" not in "".join(released)
     assert "".join(released) == "".join(clean)[: len("".join(released))]
+
+
+async def test_gate_shows_the_first_token_at_once_and_moderates_the_rest_in_windows():
+    moderator = CountingModerator()
+    g = OutputGate(moderator, window_tokens=8, window_chars=120, first_window_tokens=1)
+    tokens = demo_reply_tokens("first words first", 40)
+    assert await g.feed(tokens[0]) == [tokens[0]]
+    assert moderator.checked == 1  # shown only once checked
+    later = [await g.feed(token) for token in tokens[1:4]]
+    assert later == [[], [], []]  # then held for a whole window again
+
+
+async def test_gate_holds_a_slow_stream_back_at_most_max_hold():
+    tokens = demo_reply_tokens("a long answer please", 300)
+    gap = 1 / 30  # 30 tokens/s
+
+    async def longest_wait(max_hold_s: float | None) -> float:
+        clock = FakeClock()
+        g = OutputGate(
+            RulesModerator(threshold=0.5),
+            window_tokens=8,
+            window_chars=120,
+            clock=clock,
+            max_hold_s=max_hold_s,
+        )
+        arrivals: list[float] = []  # when each held character arrived
+        worst = 0.0
+        for i, token in enumerate(tokens):
+            clock.now = i * gap
+            arrivals.extend([clock.now] * len(token))
+            for text in await g.feed(token):
+                worst = max(worst, clock.now - arrivals[0])
+                del arrivals[: len(text)]
+        return worst
+
+    assert await longest_wait(None) > 0.2  # 8 tokens at 30/s: up to 233 ms
+    assert await longest_wait(0.1) <= 0.1 + gap + 1e-9
