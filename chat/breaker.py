@@ -17,6 +17,7 @@ same instant may both open the breaker, which is harmless.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 
@@ -142,7 +143,6 @@ def breaker_states() -> dict[str, str]:
 # The cache is network I/O in the scaled mode: keep it off the event loop, and
 # off the single ORM thread too (thread_sensitive=False).
 _check_in_thread = sync_to_async(check_allowed, thread_sensitive=False)
-arecord_result = sync_to_async(record_result, thread_sensitive=False)
 
 
 async def acheck_allowed(*, model: str, now: float) -> tuple[bool, str]:
@@ -160,3 +160,110 @@ async def acheck_allowed(*, model: str, now: float) -> tuple[bool, str]:
     if state == CLOSED:
         _trusted_closed[model] = now + LOCAL_TRUST_S
     return allowed, state
+
+
+# Successes while the breaker is trusted closed and this process has seen no
+# failure since its last full-path success: counted here and added to the
+# shared counters in one batch at most LOCAL_TRUST_S later, instead of two
+# cache writes per reply. A failure first adds this process's batch (and
+# resets the consecutive count if the batch held a success), so the failure
+# rate and the consecutive count this process sees are exact; other
+# processes see its successes up to a second late.
+_pending_ok: dict[tuple[str, int], int] = {}
+_failed_since_success: set[str] = set()
+_flush_handle: asyncio.TimerHandle | None = None
+
+
+def _take_pending(model: str | None = None) -> dict[tuple[str, int], int]:
+    taken = {k: n for k, n in _pending_ok.items() if model is None or k[0] == model}
+    for key in taken:
+        del _pending_ok[key]
+    return taken
+
+
+def add_successes(batch: dict[tuple[str, int], int]) -> None:
+    """Count a batch of successes: each bucket's calls, and the consecutive reset."""
+    ttl = settings.CHAT_BREAKER_WINDOW_S + 2 * _BUCKET_S
+    for (model, bucket), count in batch.items():
+        cache.add(_key(model, f"calls:{bucket}"), 0, timeout=ttl)
+        try:
+            cache.incr(_key(model, f"calls:{bucket}"), count)
+        except ValueError:  # expired between add and incr
+            cache.set(_key(model, f"calls:{bucket}"), count, timeout=ttl)
+    for model in {model for model, _bucket in batch}:
+        if cache.get(_key(model, "consecutive")):
+            cache.set(_key(model, "consecutive"), 0, timeout=None)
+
+
+def _record_after(batch: dict[tuple[str, int], int], model: str, ok: bool, now: float) -> str:
+    if batch:
+        add_successes(batch)
+    return record_result(model=model, ok=ok, now=now)
+
+
+_record_in_thread = sync_to_async(_record_after, thread_sensitive=False)
+_add_in_thread = sync_to_async(add_successes, thread_sensitive=False)
+
+
+async def arecord_result(*, model: str, ok: bool, now: float) -> str:
+    """Async twin of `record_result`; successes may be counted in a batch (see above)."""
+    if ok and model not in _failed_since_success and _trusted_closed.get(model, -math.inf) > now:
+        key = (model, int(now // _BUCKET_S))
+        _pending_ok[key] = _pending_ok.get(key, 0) + 1
+        _schedule_flush()
+        return CLOSED
+    if ok:
+        _failed_since_success.discard(model)
+    else:
+        _failed_since_success.add(model)
+    return await _record_in_thread(_take_pending(model), model, ok, now)
+
+
+def _schedule_flush() -> None:
+    global _flush_handle
+    if _flush_handle is None:
+        loop = asyncio.get_running_loop()
+        _flush_handle = loop.call_later(LOCAL_TRUST_S, _flush_soon)
+
+
+def _flush_soon() -> None:
+    global _flush_handle
+    _flush_handle = None
+    batch = _take_pending()
+    if batch:
+        task = asyncio.ensure_future(_flush(batch))
+        _flushes.add(task)
+        task.add_done_callback(_flushes.discard)
+
+
+_flushes: set[asyncio.Future[None]] = set()
+
+
+async def aflush() -> None:
+    """Count this process's batched successes now."""
+    global _flush_handle
+    if _flush_handle is not None:
+        _flush_handle.cancel()
+        _flush_handle = None
+    batch = _take_pending()
+    if batch:
+        await _flush(batch)
+
+
+async def _flush(batch: dict[tuple[str, int], int]) -> None:
+    try:
+        await _add_in_thread(batch)
+    except Exception:
+        logger.warning("could not count %d successful calls in the breaker", sum(batch.values()))
+
+
+def forget_local_state() -> None:
+    """Drop what this process remembers (tests start each case with nothing)."""
+    global _flush_handle
+    _seen.clear()
+    _trusted_closed.clear()
+    _pending_ok.clear()
+    _failed_since_success.clear()
+    if _flush_handle is not None:
+        _flush_handle.cancel()
+        _flush_handle = None

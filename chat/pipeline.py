@@ -70,7 +70,7 @@ class Prepared:
     """What the model call needs, read in the same trip as the accept."""
 
     history: list[ChatMessage]
-    cache_key: str
+    cache_key: str  # "" while the response cache is off
     cached: response_cache.CachedReply | None
 
 
@@ -186,10 +186,14 @@ def _prepare(accepted: Accepted, content: str) -> Prepared:
             budget_tokens=settings.CHAT_CONTEXT_TOKENS,
             system_prompt=accepted.plan_system_prompt,
         )
-    key = response_cache.response_key(
-        plan=accepted.plan, version_id=accepted.version_id, history=history
-    )
-    hit = None if accepted.bypass_cache else response_cache.cache_lookup(key)
+    # With the cache off there is nothing to look up or store: no key either.
+    key = ""
+    hit = None
+    if response_cache.cache_enabled():
+        key = response_cache.response_key(
+            plan=accepted.plan, version_id=accepted.version_id, history=history
+        )
+        hit = None if accepted.bypass_cache else response_cache.cache_lookup(key)
     if settings.CHAT_REDACT_VENDOR_TEXT:
         # Personal data stays here: the vendor sees typed placeholders.
         history = [ChatMessage(role=m.role, content=redact(m.content)) for m in history]
@@ -314,7 +318,12 @@ async def reply_run(
         # Only the version's own model answers for the version: a fallback's
         # answer is not cached under the primary's key.
         fallback = result.outcome is not None and result.outcome.fallback
-        if not (result.cached or fallback) and result.finish_reason == "stop" and usage:
+        if (
+            cache_key
+            and not (result.cached or fallback)
+            and result.finish_reason == "stop"
+            and usage
+        ):
             await database_sync_to_async(_remember)(cache_key, history, sender.text, usage)
     except asyncio.CancelledError:
         result.cancelled = True

@@ -35,7 +35,9 @@ class CachedReply:
 
 
 def _normalise(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    if not text.isascii():  # NFC leaves ASCII as it is
+        text = unicodedata.normalize("NFC", text)
+    return " ".join(text.split())
 
 
 def response_key(*, plan: ModelPlan, version_id: int | None, history: list[ChatMessage]) -> str:

@@ -69,10 +69,9 @@ def _fresh_cache() -> None:
     from chat import breaker
 
     cache.clear()
-    # The breaker remembers, per process, which models it has seen and
-    # trusts a "closed" answer briefly; a test starts with neither.
-    breaker._seen.clear()
-    breaker._trusted_closed.clear()
+    # The breaker remembers, per process, which models it has seen, trusts a
+    # "closed" answer briefly and batches successes; a test starts with none.
+    breaker.forget_local_state()
 
 
 @pytest.fixture

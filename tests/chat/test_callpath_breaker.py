@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from asgiref.sync import sync_to_async
 
 from chat.breaker import breaker_states
 from monitoring import metrics
@@ -145,3 +146,32 @@ async def test_an_open_breaker_goes_straight_to_the_fallback(ws, make_user, tigh
         {"model": FALLBACK, "outcome": "ok"},
     ]
     assert clock.sleeps == []
+
+
+async def test_successes_are_counted_in_a_batch_and_a_failure_sees_them(settings):
+    from django.core.cache import cache
+
+    from chat import breaker
+
+    settings.CHAT_BREAKER_FAILURES = 100
+    settings.CHAT_BREAKER_MIN_VOLUME = 4
+    settings.CHAT_BREAKER_FAILURE_RATE = 0.5
+    model, now = "openai:batched", 1000.0
+    calls = f"breaker:{model}:calls:{int(now // 10)}"
+    assert await breaker.acheck_allowed(model=model, now=now) == (True, "closed")
+    # Another process's failure left a consecutive count behind.
+    await sync_to_async(cache.set)(f"breaker:{model}:consecutive", 1, None)
+    for _ in range(2):
+        assert await breaker.arecord_result(model=model, ok=True, now=now) == "closed"
+    assert await sync_to_async(cache.get)(calls) is None  # not written per reply
+    await breaker.aflush()
+    assert await sync_to_async(cache.get)(calls) == 2
+    assert await sync_to_async(cache.get)(f"breaker:{model}:consecutive") == 0
+
+    # A failure first adds the batch: 1 success + 2 earlier, 1 failure = 25 %.
+    assert await breaker.arecord_result(model=model, ok=True, now=now) == "closed"
+    assert await breaker.arecord_result(model=model, ok=False, now=now) == "closed"
+    assert await sync_to_async(cache.get)(calls) == 4
+    # Now 2 of 5 ... and 3 of 6 failed: the rate opens it, with every success counted.
+    assert await breaker.arecord_result(model=model, ok=False, now=now) == "closed"
+    assert await breaker.arecord_result(model=model, ok=False, now=now) == "open"
