@@ -115,8 +115,12 @@ class Watchdog:
 
 
 class SystemClock:
+    """Monotonic time. `now()` runs for every token, so it does not look up the
+    running loop (in Python 3.11 that costs a getpid() system call); `call_at`
+    converts to the loop's own clock."""
+
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return time.monotonic()
 
     def wall(self) -> float:
         return time.time()
@@ -125,7 +129,8 @@ class SystemClock:
         await asyncio.sleep(seconds)
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Cancellable:
-        return asyncio.get_running_loop().call_at(when, callback)
+        loop = asyncio.get_running_loop()
+        return loop.call_at(loop.time() + (when - time.monotonic()), callback)
 
     def watchdog(self) -> Watchdog:
         return Watchdog(self)

@@ -25,20 +25,28 @@ CREATE TABLE IF NOT EXISTS cache (
 """
 
 
+# One connection per thread and file, shared by every instance: Django keeps
+# a cache instance per async context, so a per-instance connection would
+# open the file anew for every task that touches the cache.
+_connections = threading.local()
+
+
 class SQLiteCache(BaseCache):
     def __init__(self, location: str, params: dict[str, Any]) -> None:
         super().__init__(params)
         self._path = location
-        self._local = threading.local()
 
     def _db(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        opened: dict[str, sqlite3.Connection] | None = getattr(_connections, "by_path", None)
+        if opened is None:
+            opened = _connections.by_path = {}
+        conn = opened.get(self._path)
         if conn is None:
             conn = sqlite3.connect(self._path, timeout=20, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(_SCHEMA)
-            self._local.conn = conn
+            opened[self._path] = conn
         return conn
 
     @staticmethod

@@ -16,8 +16,9 @@ import time
 from typing import Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
-from django.core.cache.backends.redis import RedisCache
 from redis.exceptions import RedisError
+
+from config.redis_cache import SharedRedisCache
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class CacheUnavailable(ValueError):
     """The counter store could not be reached (a ValueError, like a missing key)."""
 
 
-class FailSoftRedisCache(RedisCache):
+class FailSoftRedisCache(SharedRedisCache):
     _last_warning = 0.0
 
     def _failed(self, op: str, exc: Exception) -> None:
