@@ -1,5 +1,6 @@
 """ASGI entry point: Django for HTTP, the chat consumer for WebSockets."""
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -23,3 +24,16 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+
+# The cyclic garbage collector: what start-up built (Django, the URL conf,
+# the rules) lives as long as the process, so freeze it out of every scan; and
+# collect the youngest objects every 10,000 allocations instead of 700. A
+# streaming reply allocates a lot of short-lived acyclic objects (frames,
+# strings, futures) that reference counting frees anyway; with 1,000 open
+# streams the default thresholds spent about a fifth of the server's CPU in
+# collections that found almost nothing (make bench (c): 10.3 -> 7.9 ms of
+# CPU per reply).
+gc.collect()
+gc.freeze()
+gc.set_threshold(10_000, 20, 20)
