@@ -142,7 +142,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             owner=self.owner, request=request, client_ip=self.client_ip
         )
         await self.send_json(pipeline.accepted_frame(accepted))
-        if accepted.duplicate:
+        if prepared is None:  # a duplicate send: its reply already exists
             return
         buffer = hub.open(reply_id=accepted.reply_id, owner_key=accepted.owner_key, task=None)
         task = asyncio.create_task(

@@ -27,6 +27,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from chat import response_cache, selectors, services
+from chat.batching import Batched
 from chat.callpath import CallOutcome, call_model
 from chat.errors import BlockedInput, ChatError, Forbidden, Internal, InvalidInput
 from chat.owners import Owner
@@ -89,7 +90,7 @@ async def chat_accept(
     if owner.is_anonymous and not settings.CHAT_ALLOW_ANONYMOUS:
         raise Forbidden("Please sign in to chat.")
     if request.regenerate_id is not None:
-        return await database_sync_to_async(_admit)(
+        return await _admit_batched(
             owner=owner, client_ip=client_ip, request=request, content="", injection=None
         )
     content = check_message_text(request.content)
@@ -105,7 +106,7 @@ async def chat_accept(
             owner=owner, client_ip=client_ip, kind="blocked_input"
         )
         raise BlockedInput()
-    return await database_sync_to_async(_admit)(
+    return await _admit_batched(
         owner=owner, client_ip=client_ip, request=request, content=content, injection=injection
     )
 
@@ -142,6 +143,10 @@ def _admit(
         limits.budget_settle(reservation=reservation, cost_usd=Decimal("0"), tokens=0)
         return accepted, None
     return accepted.with_reservation(reservation), _prepare(accepted, content)
+
+
+# Messages that arrive together share trips to the database thread.
+_admit_batched = Batched(_admit)
 
 
 def accepted_frame(accepted: Accepted) -> dict[str, Any]:
@@ -239,7 +244,7 @@ async def reply_run(
     emit: Emit,
     started_at: float,
     buffer: ReplyBuffer,
-    prepared: Prepared | None = None,
+    prepared: Prepared,
 ) -> None:
     """Generate, stream and store one reply; never raises except CancelledError.
 
@@ -286,8 +291,6 @@ async def reply_run(
     result = _Result()
     metrics.stream_started()
     try:
-        if prepared is None:
-            prepared = await database_sync_to_async(_prepare)(accepted)
         history, cache_key, hit = prepared.history, prepared.cache_key, prepared.cached
         metrics.cache_checked("hit" if hit else "miss")
         if hit is not None:
@@ -392,7 +395,7 @@ async def _store(
     priced = usage is not None and not result.cached
     # The store must happen even while this task is being cancelled again.
     cost = await asyncio.shield(
-        database_sync_to_async(_finish_and_settle)(accepted, finish_kwargs, priced=priced)
+        _finish_batched(accepted=accepted, finish_kwargs=finish_kwargs, priced=priced)
     )
     metrics.reply_observed(
         model=model,
@@ -421,7 +424,7 @@ async def _store(
 
 
 def _finish_and_settle(
-    accepted: Accepted, finish_kwargs: dict[str, Any], *, priced: bool
+    *, accepted: Accepted, finish_kwargs: dict[str, Any], priced: bool
 ) -> Decimal:
     """Price, store and settle the reply in one trip to the database thread."""
     if priced:
@@ -441,3 +444,6 @@ def _finish_and_settle(
             + (finish_kwargs["completion_tokens"] or 0),
         )
     return Decimal(finish_kwargs["cost_usd"])
+
+
+_finish_batched = Batched(_finish_and_settle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -279,22 +280,35 @@ def _accepted_for(*, owner: Owner, client_msg_id: uuid.UUID) -> Accepted | None:
 
 
 # Enqueueing writes to the broker (a file in the embedded mode); it happens on
-# this thread so the database thread, which every message's accept waits on,
-# does not wait for it.
+# its own thread so the database thread, which every message's accept waits
+# on, does not wait for it. Conversations started while one enqueue runs go
+# together in the next message: a burst of new chats costs a few broker
+# writes, not one each.
 _enqueuer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-enqueue")
+_untitled: list[int] = []
+_untitled_lock = threading.Lock()
 
 
 def _title_later(conversation_id: int) -> None:
-    _enqueuer.submit(_title_enqueue, conversation_id)
+    with _untitled_lock:
+        _untitled.append(conversation_id)
+        first = len(_untitled) == 1
+    if first:
+        _enqueuer.submit(_titles_enqueue)
 
 
-def _title_enqueue(conversation_id: int) -> None:
-    from chat.tasks import conversation_title
+def _titles_enqueue() -> None:
+    from chat.tasks import conversation_titles
 
+    with _untitled_lock:
+        ids = list(_untitled)
+        _untitled.clear()
+    if not ids:
+        return
     try:
-        conversation_title.delay(conversation_id)
+        conversation_titles.delay(ids)
     except Exception:
-        logger.warning("could not enqueue the title of conversation %s", conversation_id)
+        logger.warning("could not enqueue the titles of %d conversations", len(ids))
 
 
 _finish_pending = sql.Update(

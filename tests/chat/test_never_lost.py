@@ -10,7 +10,7 @@ from channels.db import database_sync_to_async
 from chat.models import Conversation, Message
 from chat.providers import ChatMessage, ProviderError, StreamEvent, StreamOptions
 from chat.services import reply_finish
-from chat.tasks import conversation_title
+from chat.tasks import conversation_title, conversation_titles
 from tests.chat.helpers import delta_text, recv, recv_until_done, send, send_frame
 from tests.conftest import session_cookie_for
 
@@ -161,6 +161,22 @@ def test_title_task_titles_a_conversation_once(make_user):
     conversation_title.apply(args=[conversation.pk])
     conversation.refresh_from_db()
     assert conversation.title == "Renamed by the user"
+
+
+def test_conversations_started_together_are_titled_by_one_task(make_user):
+    user = make_user("carol")
+    started = []
+    for question in ("Why is the sky blue at noon?", "What makes sunsets look red?"):
+        conversation = Conversation.objects.create(user=user)
+        Message.objects.create(conversation=conversation, role="user", content=question)
+        started.append(conversation)
+    conversation_titles.apply(args=[[c.pk for c in started]])
+    for conversation in started:
+        conversation.refresh_from_db()
+    assert [c.title for c in started] == [
+        "Why is the sky blue at noon?",
+        "What makes sunsets look red?",
+    ]
 
 
 async def test_a_stopped_fallback_reply_records_the_model_that_wrote_it(

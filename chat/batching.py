@@ -1,0 +1,110 @@
+"""Database calls that many replies make at once, sharing trips to the database thread.
+
+Every message makes two trips to Django's database thread: one to store it
+with its pending reply, one to store the finished reply. A trip costs the
+event loop a hand-off to the thread and back (asgiref's SyncToAsync, a
+wake-up, a GIL hand-over), which adds up when a thousand messages arrive
+together. A `Batched` function runs its first call at once, so a lone
+message waits for nothing; calls made while that trip runs go together in
+the next one. Each call keeps its own transaction and its own outcome: one
+failing call fails only its caller, and runs in its caller's context
+(the log ids of chat/monitoring/logs.py stay right).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from channels.db import database_sync_to_async
+
+R = TypeVar("R")
+# Calls per trip: the first of a burst get their answers while later ones wait.
+MAX_BATCH = 32
+
+
+_Call = tuple[contextvars.Context, dict[str, Any]]
+
+
+@dataclass
+class _Queue:
+    pending: list[tuple[_Call, asyncio.Future[Any]]] = field(default_factory=list)
+    drainer: asyncio.Task[None] | None = None
+    busy: bool = False  # a lone call's trip is in flight
+
+
+class Batched(Generic[R]):
+    def __init__(self, fn: Callable[..., R]) -> None:
+        self._fn = fn
+        # Per event loop (each test has its own).
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._run_in_thread = database_sync_to_async(self._run_all)
+        self.trips = 0  # trips to the database thread so far
+
+    async def __call__(self, **kwargs: Any) -> R:
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = _Queue()
+        call = (contextvars.copy_context(), kwargs)
+        if queue.drainer is None and not queue.busy:
+            # Nothing in flight: this call goes at once, on its own.
+            queue.busy = True
+            self.trips += 1
+            try:
+                [(ok, value)] = await self._run_in_thread([call])
+            finally:
+                queue.busy = False
+                if queue.pending and queue.drainer is None:
+                    queue.drainer = loop.create_task(self._drain(queue))
+            if ok:
+                return value
+            raise value
+        future: asyncio.Future[R] = loop.create_future()
+        queue.pending.append((call, future))
+        if queue.drainer is None and not queue.busy:
+            queue.drainer = loop.create_task(self._drain(queue))
+        return await future
+
+    async def _drain(self, queue: _Queue) -> None:
+        batch: list[tuple[_Call, asyncio.Future[Any]]] = []
+        try:
+            while queue.pending:
+                batch = queue.pending[:MAX_BATCH]
+                del queue.pending[:MAX_BATCH]
+                self.trips += 1
+                try:
+                    outcomes = await self._run_in_thread([call for call, _ in batch])
+                except Exception as exc:  # the trip itself failed: so did every call in it
+                    outcomes = [(False, exc)] * len(batch)
+                for (_call, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():  # its caller was cancelled
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+                batch = []
+        finally:
+            queue.drainer = None
+            # Cancelled (the loop is closing): nobody may wait forever.
+            for _call, future in batch + queue.pending:
+                if not future.done():
+                    future.cancel()
+            if batch or queue.pending:
+                queue.pending = []
+
+    def _run_all(self, calls: list[_Call]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        for context, kwargs in calls:
+            try:
+                outcomes.append((True, context.run(self._fn, **kwargs)))
+            except Exception as exc:
+                outcomes.append((False, exc))
+        return outcomes

@@ -1,0 +1,61 @@
+"""Database calls made together share trips to the database thread, each with its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+import pytest
+
+from chat.batching import MAX_BATCH, Batched
+from monitoring.logs import _context, log_context
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def test_calls_made_during_a_trip_share_the_next_one():
+    release = threading.Event()
+    seen: list[tuple[int, str]] = []
+
+    def store(*, n: int) -> int:
+        if n == 0:
+            release.wait(timeout=10)  # hold the first trip while the others arrive
+        seen.append((n, threading.current_thread().name))
+        return n * 10
+
+    batched = Batched(store)
+    first = asyncio.ensure_future(batched(n=0))
+    await asyncio.sleep(0)  # the first trip starts at once, alone
+    rest = [asyncio.ensure_future(batched(n=n)) for n in range(1, 50)]
+    release.set()
+    assert await asyncio.gather(first, *rest) == [n * 10 for n in range(50)]
+    # The first alone, then the 49 that arrived meanwhile, at most MAX_BATCH a trip.
+    assert batched.trips == 1 + math.ceil(49 / MAX_BATCH)
+    assert [n for n, _ in seen] == list(range(50))
+    assert {name for _, name in seen} != {threading.current_thread().name}
+
+
+async def test_a_failing_call_fails_only_its_caller():
+    def store(*, n: int) -> int:
+        if n == 3:
+            raise ValueError("bad row")
+        return n
+
+    batched = Batched(store)
+    results = await asyncio.gather(*(batched(n=n) for n in range(6)), return_exceptions=True)
+    assert results[:3] == [0, 1, 2] and results[4:] == [4, 5]
+    assert isinstance(results[3], ValueError) and str(results[3]) == "bad row"
+
+
+async def test_each_call_runs_with_its_callers_log_ids():
+    def which(*, n: int) -> object:
+        return _context.get().get("message_id")
+
+    batched = Batched(which)
+
+    async def call(n: int) -> object:
+        with log_context(message_id=n):
+            return await batched(n=n)
+
+    assert await asyncio.gather(*(call(n) for n in range(5))) == list(range(5))
