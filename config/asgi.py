@@ -37,3 +37,7 @@ application = ProtocolTypeRouter(
 gc.collect()
 gc.freeze()
 gc.set_threshold(10_000, 20, 20)
+if os.environ.get("SWITCHX"):
+    import sys
+
+    sys.setswitchinterval(float(os.environ["SWITCHX"]))

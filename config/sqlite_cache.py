@@ -74,19 +74,13 @@ class SQLiteCache(BaseCache):
         version: int | None = None,
     ) -> bool:
         key = self.make_and_validate_key(key, version=version)
-        db = self._db()
-        now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("DELETE FROM cache WHERE key = ? AND expires <= ?", (key, now))
-            cur = db.execute(
-                "INSERT OR IGNORE INTO cache (key, value, expires) VALUES (?, ?, ?)",
-                (key, self._encode(value), self._expiry(timeout)),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        # One statement: written when the key is absent or expired, else not.
+        cur = self._db().execute(
+            "INSERT INTO cache (key, value, expires) VALUES (?, ?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires = excluded.expires"
+            " WHERE cache.expires IS NOT NULL AND cache.expires <= ?",
+            (key, self._encode(value), self._expiry(timeout), time.time()),
+        )
         return cur.rowcount == 1
 
     def get(self, key: str, default: Any = None, version: int | None = None) -> Any:

@@ -1,0 +1,41 @@
+"""The embedded mode's shared cache: add, incr and expiry behave like Django's caches."""
+
+from __future__ import annotations
+
+import threading
+
+from config.sqlite_cache import SQLiteCache
+
+
+def make(tmp_path) -> SQLiteCache:
+    return SQLiteCache(str(tmp_path / "cache.sqlite3"), {})
+
+
+def test_add_writes_only_an_absent_or_expired_key(tmp_path):
+    cache = make(tmp_path)
+    assert cache.add("k", 1, timeout=60) is True
+    assert cache.add("k", 2, timeout=60) is False
+    assert cache.get("k") == 1
+    cache.set("gone", "old", timeout=-1)  # already expired
+    assert cache.get("gone") is None
+    assert cache.add("gone", "new", timeout=60) is True
+    assert cache.get("gone") == "new"
+    assert cache.add("forever", 0, timeout=None) is True
+    assert cache.add("forever", 5, timeout=None) is False
+
+
+def test_counting_from_many_threads_and_instances_loses_nothing(tmp_path):
+    # Django keeps a cache instance per async context: they share the file.
+    caches = [make(tmp_path) for _ in range(4)]
+    caches[0].add("n", 0, timeout=60)
+
+    def count(cache: SQLiteCache) -> None:
+        for _ in range(200):
+            cache.incr("n")
+
+    threads = [threading.Thread(target=count, args=(c,)) for c in caches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert caches[0].get("n") == 800
