@@ -292,7 +292,8 @@ async def reply_run(
     metrics.stream_started()
     try:
         history, cache_key, hit = prepared.history, prepared.cache_key, prepared.cached
-        metrics.cache_checked("hit" if hit else "miss")
+        # A cache that is off is skipped, not missed: the hit ratio stays true.
+        metrics.cache_checked(("hit" if hit else "miss") if cache_key else "skip")
         if hit is not None:
             result.cached = True
             stream = _replay_cached(accepted, hit)
