@@ -16,6 +16,8 @@ from typing import Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 
+from config.sqlite_wal import BACKSTOP_PAGES
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cache (
     key TEXT PRIMARY KEY,
@@ -45,6 +47,8 @@ class SQLiteCache(BaseCache):
             conn = sqlite3.connect(self._path, timeout=20, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints run in the web process's own thread (config/sqlite_wal.py).
+            conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
             conn.execute(_SCHEMA)
             opened[self._path] = conn
         return conn

@@ -100,8 +100,11 @@ else:
             "OPTIONS": {
                 "transaction_mode": "IMMEDIATE",
                 "timeout": 20,
+                # The web process checkpoints the WAL from its own thread
+                # (config/sqlite_wal.py); commits only do it as a backstop.
                 "init_command": (
                     "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL;PRAGMA busy_timeout=20000;"
+                    "PRAGMA wal_autocheckpoint=20000;"
                 ),
             },
         }

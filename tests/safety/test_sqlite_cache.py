@@ -39,3 +39,16 @@ def test_counting_from_many_threads_and_instances_loses_nothing(tmp_path):
     for thread in threads:
         thread.join()
     assert caches[0].get("n") == 800
+
+
+def test_the_wal_is_checkpointed_by_the_thread_not_by_commits(tmp_path):
+    from config import sqlite_wal
+
+    cache = make(tmp_path)
+    for n in range(300):  # well past SQLite's default 1,000-page auto-checkpoint
+        cache.set(f"key-{n}", "x" * 4000, timeout=None)
+    wal = tmp_path / "cache.sqlite3-wal"
+    # The commits left the log alone: only the backstop would checkpoint it.
+    assert wal.stat().st_size > 1000 * 4096
+    busy, log, done = sqlite_wal.checkpoint(str(tmp_path / "cache.sqlite3"))
+    assert busy == 0 and log > 1000 and done == log
