@@ -8,7 +8,7 @@ together. A `Batched` function runs its first call at once, so a lone
 message waits for nothing; calls made while that trip runs go together in
 the next one. Each call keeps its own transaction and its own outcome: one
 failing call fails only its caller, and runs in its caller's context
-(the log ids of chat/monitoring/logs.py stay right).
+(the log ids of monitoring/logs.py stay right).
 """
 
 from __future__ import annotations

@@ -51,14 +51,10 @@ def _start_wal_checkpoints() -> None:
 # collect the youngest objects every 10,000 allocations instead of 700. A
 # streaming reply allocates a lot of short-lived acyclic objects (frames,
 # strings, futures) that reference counting frees anyway; with 1,000 open
-# streams the default thresholds spent about a fifth of the server's CPU in
-# collections that found almost nothing (make bench (c): 10.3 -> 7.9 ms of
-# CPU per reply).
+# streams the default thresholds spent about a tenth of the server's CPU
+# (perf) in collections that found almost nothing (make bench (c): 10.3 ->
+# 7.9 ms of CPU per reply).
 _start_wal_checkpoints()
 gc.collect()
 gc.freeze()
 gc.set_threshold(10_000, 20, 20)
-if os.environ.get("SWITCHX"):
-    import sys
-
-    sys.setswitchinterval(float(os.environ["SWITCHX"]))
