@@ -28,8 +28,25 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client import values as _values
 
 logger = logging.getLogger(__name__)
+
+# In multiprocess mode every update asks os.getpid() whether the process has
+# forked, and that is a system call each time (glibc no longer caches it):
+# about ten a reply. The pid is kept here and refreshed in a forked child
+# (Celery's prefork pool), which is all the check needs.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _values.ValueClass = _values.MultiProcessValue(lambda: _pid)
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, float("inf"))
 _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, float("inf"))

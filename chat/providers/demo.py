@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from .base import ChatMessage, StreamEvent, StreamOptions, Usage
 
@@ -94,22 +94,25 @@ _WORDS = [
 
 def demo_reply_tokens(prompt: str, count: int) -> list[str]:
     """Return `count` tokens of plain sentences derived from the prompt alone."""
+    return list(iter_demo_tokens(prompt, count))
+
+
+def iter_demo_tokens(prompt: str, count: int) -> Iterator[str]:
+    """Yield the same tokens one by one, made as they are needed."""
     seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
     rng = random.Random(seed)  # noqa: S311 - demo text, not security
     head = " ".join(prompt.split()[:6])
-    tokens: list[str] = []
-    if head:
-        tokens.extend(["Demo", " reply", " to", f" “{head}”", ":"])
+    opening = ["Demo", " reply", " to", f" “{head}”", ":"] if head else []
+    yield from opening[:count]
     sentence_left = 0
-    while len(tokens) < count:
+    for _ in range(count - min(count, len(opening))):
         if sentence_left == 0:
             sentence_left = rng.randint(6, 14)
             word = rng.choice(_WORDS).capitalize()
         else:
             word = rng.choice(_WORDS)
         sentence_left -= 1
-        tokens.append(" " + word + ("." if sentence_left == 0 else ""))
-    return tokens[:count]
+        yield " " + word + ("." if sentence_left == 0 else "")
 
 
 class DemoProvider:
@@ -127,11 +130,12 @@ class DemoProvider:
         count = self.reply_tokens
         if options.max_tokens is not None:
             count = min(count, options.max_tokens)
-        tokens = demo_reply_tokens(prompt, count)
+        tokens = iter_demo_tokens(prompt, count)  # made as they are sent
         loop = asyncio.get_running_loop()
         start = loop.time() + self.ttft
         if self.ttft:
             await asyncio.sleep(self.ttft)
+        sent = 0
         for index, token in enumerate(tokens):
             if self.tps:
                 # Pace against the clock, not by sleeping a fixed gap, so a busy
@@ -142,10 +146,11 @@ class DemoProvider:
             elif index % 32 == 31:
                 await asyncio.sleep(0)  # stay fair to other streams
             yield token
+            sent += 1
         yield Usage(
             # estimate_tokens of each message, inlined: a long chat has hundreds.
             prompt_tokens=sum((len(m.content) + 3) // 4 for m in messages),
-            completion_tokens=len(tokens),
+            completion_tokens=sent,
             estimated=False,
             finish_reason="length" if count < self.reply_tokens else "stop",
         )

@@ -59,3 +59,36 @@ async def test_each_call_runs_with_its_callers_log_ids():
             return await batched(n=n)
 
     assert await asyncio.gather(*(call(n) for n in range(5))) == list(range(5))
+
+
+async def test_a_batch_commits_together_and_a_failing_call_leaves_no_row():
+    from channels.db import database_sync_to_async
+
+    from chat.models import Conversation
+
+    release = threading.Event()
+
+    def store(*, n: int) -> int:
+        if n == 0:
+            release.wait(timeout=10)  # the rest gather into one batch meanwhile
+        conversation = Conversation.objects.create(session_key=f"batch-{n}")
+        if n == 3:
+            raise ValueError("refused after writing")
+        return conversation.pk
+
+    batched = Batched(store)
+    first = asyncio.ensure_future(batched(n=0))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(batched(n=n)) for n in range(1, 6)]
+    release.set()
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert isinstance(results[3], ValueError)
+    assert batched.trips == 2
+    stored = await database_sync_to_async(
+        lambda: sorted(
+            Conversation.objects.filter(session_key__startswith="batch-").values_list(
+                "session_key", flat=True
+            )
+        )
+    )()
+    assert stored == ["batch-0", "batch-1", "batch-2", "batch-4", "batch-5"]

@@ -160,10 +160,22 @@ _RECORDER = textwrap.dedent(
     for _ in range(int(sys.argv[1])):
         metrics.reply_observed(model="demo:demo", outcome="stop", ttft_s=0.1, duration_s=0.5,
             prompt_tokens=10, completion_tokens=20, cost_usd=0.25, error_code="")
+    if sys.argv[2] == "fork":
+        import os
+        child = os.fork()
+        if child == 0:  # a forked worker records into a file of its own
+            for _ in range(4):
+                metrics.reply_observed(model="demo:demo", outcome="stop", ttft_s=0.1,
+                    duration_s=0.5, prompt_tokens=10, completion_tokens=20, cost_usd=0.25,
+                    error_code="")
+            os._exit(0)
+        os.waitpid(child, 0)
+        metrics.reply_observed(model="demo:demo", outcome="stop", ttft_s=0.1, duration_s=0.5,
+            prompt_tokens=10, completion_tokens=20, cost_usd=0.25, error_code="")
     metrics.stream_started()
     metrics.process_sample()
     print("ready", flush=True)
-    if sys.argv[2] == "stay":
+    if sys.argv[2] in ("stay", "fork"):
         sys.stdin.readline()  # hold the stream open until the test says so
     """
 )
@@ -207,6 +219,18 @@ def test_metrics_add_up_across_processes_and_forget_dead_ones(tmp_path, monkeypa
     finally:
         if alive.poll() is None:
             alive.communicate("\n", timeout=30)
+
+
+def test_a_forked_process_counts_into_its_own_file(tmp_path, monkeypatch, db):
+    parent = _recorder(tmp_path, 3, "fork")
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        # 3 + 1 in the parent, 4 in the child: none written over the other.
+        assert value(scrape(), "ai_requests_total", model="demo:demo", outcome="stop") == 8
+    finally:
+        if parent.poll() is None:
+            parent.communicate("\n", timeout=30)
 
 
 def _raw_labels(client: Client, metric: str) -> list[tuple[str, dict[str, str]]]:
