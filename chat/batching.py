@@ -6,11 +6,10 @@ event loop a hand-off to the thread and back (asgiref's SyncToAsync, a
 wake-up, a GIL hand-over), which adds up when a thousand messages arrive
 together. A `Batched` function runs its first call at once, so a lone
 message waits for nothing; calls made while that trip runs go together in
-the next one. A batch is one transaction (one commit, one fsync on
-PostgreSQL, shared index pages written once), each call inside it in a
-savepoint of its own: a failing call rolls back only its own writes and
-fails only its caller. Each call runs in its caller's context (the log ids
-of monitoring/logs.py stay right).
+the next one. Each call keeps its own transaction (the calls check limits
+in the cache, which may be Redis: no transaction may stay open across that),
+its own outcome (one failing call fails only its caller) and its caller's
+context (the log ids of monitoring/logs.py stay right).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from channels.db import database_sync_to_async
-from django.db import transaction
 
 R = TypeVar("R")
 # Calls per trip: the first of a burst get their answers while later ones wait.
@@ -104,17 +102,10 @@ class Batched(Generic[R]):
                 queue.pending = []
 
     def _run_all(self, calls: list[_Call]) -> list[tuple[bool, Any]]:
-        if len(calls) == 1:
-            return [self._run_one(calls[0])]
-        with transaction.atomic():
-            return [self._run_one(call, savepoint=True) for call in calls]
-
-    def _run_one(self, call: _Call, *, savepoint: bool = False) -> tuple[bool, Any]:
-        context, kwargs = call
-        try:
-            if not savepoint:
-                return True, context.run(self._fn, **kwargs)
-            with transaction.atomic():
-                return True, context.run(self._fn, **kwargs)
-        except Exception as exc:
-            return False, exc
+        outcomes: list[tuple[bool, Any]] = []
+        for context, kwargs in calls:
+            try:
+                outcomes.append((True, context.run(self._fn, **kwargs)))
+            except Exception as exc:
+                outcomes.append((False, exc))
+        return outcomes

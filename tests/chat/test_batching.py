@@ -61,8 +61,9 @@ async def test_each_call_runs_with_its_callers_log_ids():
     assert await asyncio.gather(*(call(n) for n in range(5))) == list(range(5))
 
 
-async def test_a_batch_commits_together_and_a_failing_call_leaves_no_row():
+async def test_a_call_that_fails_in_a_batch_rolls_back_only_its_own_writes():
     from channels.db import database_sync_to_async
+    from django.db import transaction
 
     from chat.models import Conversation
 
@@ -71,9 +72,10 @@ async def test_a_batch_commits_together_and_a_failing_call_leaves_no_row():
     def store(*, n: int) -> int:
         if n == 0:
             release.wait(timeout=10)  # the rest gather into one batch meanwhile
-        conversation = Conversation.objects.create(session_key=f"batch-{n}")
-        if n == 3:
-            raise ValueError("refused after writing")
+        with transaction.atomic():  # as the real callers do
+            conversation = Conversation.objects.create(session_key=f"batch-{n}")
+            if n == 3:
+                raise ValueError("refused after writing")
         return conversation.pk
 
     batched = Batched(store)
