@@ -289,15 +289,13 @@ _WHITESPACE = re.compile(r"\s+")
 
 # Every pattern and word list in one alternation: clean text (nearly all of
 # it) costs one scan instead of one per pattern. It runs on every output
-# window, so on the streaming hot path. Every rule starts at a word boundary,
-# so the boundary is tested once per position, not once per rule.
-_RULE_SOURCES = [p.pattern for c in CATEGORIES for p, _w in c.patterns] + [
-    c.words.pattern for c in CATEGORIES if c.words is not None
-]
-if all(source.startswith(r"\b") for source in _RULE_SOURCES):
-    _ANY_RULE = re.compile(r"\b(?:" + "|".join(f"(?:{s[2:]})" for s in _RULE_SOURCES) + ")")
-else:
-    _ANY_RULE = re.compile("|".join(f"(?:{s})" for s in _RULE_SOURCES))
+# window, so on the streaming hot path.
+_ANY_RULE = re.compile(
+    "|".join(
+        [f"(?:{p.pattern})" for c in CATEGORIES for p, _w in c.patterns]
+        + [f"(?:{c.words.pattern})" for c in CATEGORIES if c.words is not None]
+    )
+)
 
 
 def rules_scores(text: str) -> dict[str, float]:
