@@ -43,14 +43,14 @@ def _key(model: str, part: str) -> str:
     return f"breaker:{model}:{part}"
 
 
-def _incr(key: str, ttl: float | None) -> int:
+def _incr(key: str, ttl: float | None, delta: int = 1) -> int:
     # incr on a missing key raises; add() is a no-op when it exists.
     cache.add(key, 0, timeout=ttl)
     try:
-        return int(cache.incr(key))
+        return int(cache.incr(key, delta))
     except ValueError:  # expired between add and incr
-        cache.set(key, 1, timeout=ttl)
-        return 1
+        cache.set(key, delta, timeout=ttl)
+        return delta
 
 
 def _buckets(now: float) -> list[int]:
@@ -185,11 +185,7 @@ def add_successes(batch: dict[tuple[str, int], int]) -> None:
     """Count a batch of successes: each bucket's calls, and the consecutive reset."""
     ttl = settings.CHAT_BREAKER_WINDOW_S + 2 * _BUCKET_S
     for (model, bucket), count in batch.items():
-        cache.add(_key(model, f"calls:{bucket}"), 0, timeout=ttl)
-        try:
-            cache.incr(_key(model, f"calls:{bucket}"), count)
-        except ValueError:  # expired between add and incr
-            cache.set(_key(model, f"calls:{bucket}"), count, timeout=ttl)
+        _incr(_key(model, f"calls:{bucket}"), ttl, count)
     for model in {model for model, _bucket in batch}:
         if cache.get(_key(model, "consecutive")):
             cache.set(_key(model, "consecutive"), 0, timeout=None)
@@ -229,11 +225,9 @@ def _schedule_flush() -> None:
 def _flush_soon() -> None:
     global _flush_handle
     _flush_handle = None
-    batch = _take_pending()
-    if batch:
-        task = asyncio.ensure_future(_flush(batch))
-        _flushes.add(task)
-        task.add_done_callback(_flushes.discard)
+    task = asyncio.ensure_future(aflush())
+    _flushes.add(task)
+    task.add_done_callback(_flushes.discard)
 
 
 _flushes: set[asyncio.Future[None]] = set()

@@ -12,8 +12,10 @@ checkpoint themselves as a backstop, past BACKSTOP_PAGES.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
@@ -44,11 +46,13 @@ def start(paths: Sequence[str], every_s: float = EVERY_S) -> None:
         _started.update(todo)
     if not todo:
         return
-    stop = threading.Event()
 
     def run() -> None:
-        while not stop.wait(every_s):
+        while True:
+            time.sleep(every_s)
             for path in todo:
+                if not os.path.exists(path):
+                    continue  # not created yet: connecting would create it
                 try:
                     checkpoint(path)
                 except sqlite3.Error as exc:
