@@ -52,6 +52,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from chat.safety.regexes import guarded
+
 __all__ = ["LIKELY_SCORE", "SUSPICIOUS_SCORE", "InjectionVerdict", "injection_score"]
 
 SUSPICIOUS_SCORE = 0.5
@@ -77,7 +79,9 @@ class _Signal:
 
 
 def _signal(name: str, weight: float, pattern: str, flags: int = 0) -> _Signal:
-    return _Signal(name, weight, re.compile(pattern, flags))
+    # Every message is scanned by every signal: the guard skips positions no
+    # match can begin at (chat/safety/regexes.py).
+    return _Signal(name, weight, guarded(re.compile(pattern, flags)))
 
 
 # --- English building blocks (matched on casefolded, accent-free text) -------

@@ -35,6 +35,7 @@ import httpx
 from django.conf import settings
 
 from chat.safety.injection import _fold_keep_lines, _squash
+from chat.safety.regexes import guarded
 
 logger = logging.getLogger(__name__)
 
@@ -290,10 +291,13 @@ _WHITESPACE = re.compile(r"\s+")
 # Every pattern and word list in one alternation: clean text (nearly all of
 # it) costs one scan instead of one per pattern. It runs on every output
 # window, so on the streaming hot path.
-_ANY_RULE = re.compile(
-    "|".join(
-        [f"(?:{p.pattern})" for c in CATEGORIES for p, _w in c.patterns]
-        + [f"(?:{c.words.pattern})" for c in CATEGORIES if c.words is not None]
+# The guard skips positions no rule can begin at (chat/safety/regexes.py).
+_ANY_RULE = guarded(
+    re.compile(
+        "|".join(
+            [f"(?:{p.pattern})" for c in CATEGORIES for p, _w in c.patterns]
+            + [f"(?:{c.words.pattern})" for c in CATEGORIES if c.words is not None]
+        )
     )
 )
 
