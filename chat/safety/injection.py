@@ -374,11 +374,11 @@ _FORMAT_CHARS = re.compile(
 )
 _TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
 _LATIN_ACCENTS = re.compile("(?<=[a-z])[\u0300-\u036f]+")
-_WHITESPACE = re.compile(r"\s+")
 _HORIZONTAL_WHITESPACE = re.compile(r"[^\S\n]+")
 _LEET = str.maketrans(
     {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
 )
+_LEET_SYMBOLS = "013457@$"
 _LEET_CHAR = re.compile(r"(?<=[a-z])[013457@$]|[013457@$](?=[a-z])")
 # Four or more single letters separated by one space or punctuation mark.
 _SPACED_LETTERS = re.compile(r"(?<!\w)(?:[a-z][ .\-_*]){3,}[a-z](?!\w)")
@@ -406,7 +406,7 @@ def _score(text: str, *, decode_blobs: bool) -> InjectionVerdict:
     if any(len(run) >= 6 for run in _TAG_RUN.findall(text)):
         weights["hidden_tag_characters"] = _HIDDEN_TAGS_WEIGHT
     lines = _fold_keep_lines(text)
-    folded = _WHITESPACE.sub(" ", lines).strip()
+    folded = " ".join(lines.split())  # whitespace runs as one space: str.isspace is re's \s
     squashed = _squash(folded)
 
     for signal in _TAG_SIGNALS:
@@ -486,8 +486,18 @@ def _untag(match: re.Match[str]) -> str:
     return " " + "".join(chr(ord(c) - 0xE0000) for c in match.group()) + " "
 
 
+def _fold_flat(text: str) -> str:
+    """Fold like _fold_keep_lines, with every whitespace run one space, stripped."""
+    if text.isascii():
+        return " ".join(text.lower().split())
+    return " ".join(_fold_keep_lines(text).split())
+
+
 def _squash(folded: str) -> str:
-    squashed = _LEET_CHAR.sub(lambda m: m.group().translate(_LEET), folded)
+    squashed = folded
+    # Most text has no digit or symbol that leet stands for: skip that pass.
+    if any(c in folded for c in _LEET_SYMBOLS):
+        squashed = _LEET_CHAR.sub(lambda m: m.group().translate(_LEET), folded)
     return _SPACED_LETTERS.sub(lambda m: _SPACED_SEPARATOR.sub("", m.group()), squashed)
 
 

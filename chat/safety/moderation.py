@@ -34,7 +34,7 @@ from typing import Protocol
 import httpx
 from django.conf import settings
 
-from chat.safety.injection import _fold_keep_lines, _squash
+from chat.safety.injection import _fold_flat, _squash
 from chat.safety.regexes import guarded
 
 logger = logging.getLogger(__name__)
@@ -286,8 +286,6 @@ CATEGORIES: tuple[_Category, ...] = (
     ),
 )
 
-_WHITESPACE = re.compile(r"\s+")
-
 # Every pattern and word list in one alternation: clean text (nearly all of
 # it) costs one scan instead of one per pattern. It runs on every output
 # window, so on the streaming hot path.
@@ -304,7 +302,7 @@ _ANY_RULE = guarded(
 
 def rules_scores(text: str) -> dict[str, float]:
     """Return each category's score in [0, 1] for `text` (noisy-OR of what matched)."""
-    folded = _WHITESPACE.sub(" ", _fold_keep_lines(text)).strip()
+    folded = _fold_flat(text)
     squashed = _squash(folded)
     variants = (folded,) if squashed == folded else (folded, squashed)
     if not any(_ANY_RULE.search(v) for v in variants):

@@ -1,4 +1,4 @@
-"""The first-character guard of the safety patterns: faster, and never a different match."""
+"""The fast paths of the safety scans: faster, and never a different result."""
 
 from __future__ import annotations
 
@@ -120,3 +120,20 @@ def test_the_rules_and_the_injection_signals_are_guarded_and_match_as_before():
                 assert [m.span() for m in pattern.finditer(variant)] == want, (pattern, variant)
                 matched += bool(want)
     assert matched > 50  # the corpus does exercise the rules
+
+
+def test_the_flat_fold_is_the_fold_with_whitespace_runs_collapsed():
+    odd_spaces = "a\u00a0b\u2003c\u3000d\x1ce\u200bf \t\n g\u2028h"
+    for text in [
+        *_texts(),
+        odd_spaces,
+        "  \uff26\uff55\uff4c\uff4c\u3000wide  ",
+        "1gn0r3 @ll $t3ps",
+    ]:
+        expected = re.sub(r"\s+", " ", injection._fold_keep_lines(text)).strip()
+        assert injection._fold_flat(text) == expected
+        # The leet pass is skipped only when it could change nothing.
+        leet = injection._LEET_CHAR.sub(lambda m: m.group().translate(injection._LEET), expected)
+        assert injection._squash(expected) == injection._SPACED_LETTERS.sub(
+            lambda m: injection._SPACED_SEPARATOR.sub("", m.group()), leet
+        )
