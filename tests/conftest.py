@@ -66,12 +66,14 @@ def _fresh_cache() -> None:
     """Each test starts with empty rate-limit counters and caches."""
     from django.core.cache import cache
 
-    from chat import breaker
+    from chat import breaker, snapshots
 
     cache.clear()
     # The breaker remembers, per process, which models it has seen, trusts a
     # "closed" answer briefly and batches successes; a test starts with none.
     breaker.forget_local_state()
+    # So do the snapshots, for up to 50 ms, which a test's database would outlive.
+    snapshots.forget_local_state()
 
 
 @pytest.fixture

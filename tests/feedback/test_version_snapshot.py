@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.core.cache import cache
 
-from chat.snapshots import Snapshot
+from chat.snapshots import RECHECK_S, Snapshot
 from feedback import versions
 from feedback.models import ModelVersion
 
@@ -35,18 +35,58 @@ def _switch_without_signals(to: ModelVersion) -> None:
     ModelVersion.objects.filter(pk=to.pk).update(is_active=True)
 
 
-def test_a_change_elsewhere_is_seen_once_its_token_is_published():
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr(versions._routing, "_clock", fake)
+    return fake
+
+
+def test_a_change_elsewhere_is_seen_once_its_token_is_published(clock):
     v1, v2 = _two_versions()
     assert versions.version_for(conversation_id=1).version_id == v1.pk
     _switch_without_signals(v2)
     # The snapshot is what makes a message cheap: until told, it answers v1 ...
+    clock.now += 1
     assert versions.version_for(conversation_id=1).version_id == v1.pk
     # ... and another process's change publishes a new token, as this does.
     Snapshot("versions", lambda: None).changed()
+    # The token was checked just now: it is checked again RECHECK_S later.
+    clock.now += RECHECK_S / 2
+    assert versions.version_for(conversation_id=1).version_id == v1.pk
+    clock.now += RECHECK_S / 2
     assert versions.version_for(conversation_id=1).version_id == v2.pk
 
 
-def test_without_a_readable_cache_every_read_goes_to_the_database(monkeypatch):
+def test_a_change_in_this_process_is_seen_at_once(clock):
+    v1, v2 = _two_versions()
+    assert versions.version_for(conversation_id=1).version_id == v1.pk
+    # version_activate changes the rows and tells the snapshot itself.
+    versions.version_activate(version_id=v2.pk, actor_id=None)
+    assert versions.version_for(conversation_id=1).version_id == v2.pk
+
+
+def test_a_burst_of_reads_checks_the_token_once(clock, monkeypatch):
+    _two_versions()
+    reads = []
+    real_get = cache.get
+    monkeypatch.setattr(cache, "get", lambda *a, **k: reads.append(a[0]) or real_get(*a, **k))
+    for _ in range(5):
+        for _ in range(10):
+            versions.version_for(conversation_id=1)
+        clock.now += RECHECK_S
+    assert reads == [versions._routing.key] * 5
+
+
+def test_without_a_readable_cache_every_read_goes_to_the_database(clock, monkeypatch):
     v1, v2 = _two_versions()
     assert versions.version_for(conversation_id=1).version_id == v1.pk
 
@@ -55,4 +95,7 @@ def test_without_a_readable_cache_every_read_goes_to_the_database(monkeypatch):
 
     monkeypatch.setattr(cache, "get", down)
     _switch_without_signals(v2)
+    clock.now += RECHECK_S  # the next check of the token fails
     assert versions.version_for(conversation_id=1).version_id == v2.pk
+    _switch_without_signals(v1)
+    assert versions.version_for(conversation_id=1).version_id == v1.pk
