@@ -319,6 +319,13 @@ class Bench:
                 "app" if which != "floor" else "floor",
                 pct([r.max_gap * 1000 for r in good], 99),
             )
+            # Where TTFT goes: the wait for chat.accepted, then the model's TTFT.
+            row = self.report.row("", f"{prefix} chat.accepted p99", "ms")
+            setattr(
+                row,
+                "app" if which != "floor" else "floor",
+                pct([r.accepted * 1000 for r in good if r.accepted is not None], 99),
+            )
             if not label:
                 opened = max(1, result.opened)
                 per_conn = (memory["after"] - memory["before"]) * 1024 / opened / 1000

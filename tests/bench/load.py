@@ -47,6 +47,7 @@ class ConnSpec:
 @dataclass(slots=True)
 class Reply:
     ttft: float | None = None
+    accepted: float | None = None  # send -> chat.accepted
     max_gap: float = 0.0
     frames: int = 0
     tokens: int = 0
@@ -116,6 +117,7 @@ async def _reply(
                     last = now
                     reply.frames += 1
                 elif kind == "chat.accepted":
+                    reply.accepted = now - reply.sent_at
                     conversation = parsed.get("conversation", conversation)
                 elif kind == "chat.done":
                     reply.done_at = now
