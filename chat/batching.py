@@ -6,10 +6,14 @@ event loop a hand-off to the thread and back (asgiref's SyncToAsync, a
 wake-up, a GIL hand-over), which adds up when a thousand messages arrive
 together. A `Batched` function runs its first call at once, so a lone
 message waits for nothing; calls made while that trip runs go together in
-the next one. Each call keeps its own transaction (the calls check limits
-in the cache, which may be Redis: no transaction may stay open across that),
-its own outcome (one failing call fails only its caller) and its caller's
-context (the log ids of monitoring/logs.py stay right).
+the next one. Each call keeps its own outcome (one failing call fails only
+its caller) and its caller's context (the log ids of monitoring/logs.py stay
+right).
+
+`Batched(fn)` runs `fn` once for each call.
+`Batched.grouped(run)` hands the whole batch to `run`, which can work phase
+by phase over it (chat/pipeline.py stores a batch of messages in one
+transaction, so they share one commit) and returns one outcome a call.
 """
 
 from __future__ import annotations
@@ -28,19 +32,40 @@ R = TypeVar("R")
 MAX_BATCH = 32
 
 
-_Call = tuple[contextvars.Context, dict[str, Any]]
+Outcome = tuple[bool, Any]  # (True, value) or (False, the exception)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One caller's keyword arguments and context."""
+
+    context: contextvars.Context
+    kwargs: dict[str, Any]
+
+    def run(self, fn: Callable[..., Any], /, **kwargs: Any) -> Outcome:
+        """Run `fn` in the caller's context; return its outcome instead of raising."""
+        try:
+            return True, self.context.run(fn, **kwargs)
+        except Exception as exc:
+            return False, exc
 
 
 @dataclass
 class _Queue:
-    pending: list[tuple[_Call, asyncio.Future[Any]]] = field(default_factory=list)
+    pending: list[tuple[Call, asyncio.Future[Any]]] = field(default_factory=list)
     drainer: asyncio.Task[None] | None = None
     busy: bool = False  # a lone call's trip is in flight
 
 
+def _unused(**kwargs: Any) -> Any:
+    raise AssertionError("a grouped Batched runs its batch function")
+
+
 class Batched(Generic[R]):
     def __init__(self, fn: Callable[..., R]) -> None:
-        self._fn = fn
+        self._run_batch: Callable[[list[Call]], list[Outcome]] = lambda calls: [
+            call.run(fn, **call.kwargs) for call in calls
+        ]
         # Per event loop (each test has its own).
         self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
             weakref.WeakKeyDictionary()
@@ -48,12 +73,19 @@ class Batched(Generic[R]):
         self._run_in_thread = database_sync_to_async(self._run_all)
         self.trips = 0  # trips to the database thread so far
 
+    @classmethod
+    def grouped(cls, run: Callable[[list[Call]], list[Outcome]]) -> Batched[Any]:
+        """Batch calls for `run`, which gets them all and returns an outcome each, in order."""
+        batched: Batched[Any] = cls(_unused)
+        batched._run_batch = run
+        return batched
+
     async def __call__(self, **kwargs: Any) -> R:
         loop = asyncio.get_running_loop()
         queue = self._queues.get(loop)
         if queue is None:
             queue = self._queues[loop] = _Queue()
-        call = (contextvars.copy_context(), kwargs)
+        call = Call(contextvars.copy_context(), kwargs)
         if queue.drainer is None and not queue.busy:
             # Nothing in flight: this call goes at once, on its own.
             queue.busy = True
@@ -74,7 +106,7 @@ class Batched(Generic[R]):
         return await future
 
     async def _drain(self, queue: _Queue) -> None:
-        batch: list[tuple[_Call, asyncio.Future[Any]]] = []
+        batch: list[tuple[Call, asyncio.Future[Any]]] = []
         try:
             while queue.pending:
                 batch = queue.pending[:MAX_BATCH]
@@ -82,6 +114,8 @@ class Batched(Generic[R]):
                 self.trips += 1
                 try:
                     outcomes = await self._run_in_thread([call for call, _ in batch])
+                    if len(outcomes) != len(batch):
+                        raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} calls")
                 except Exception as exc:  # the trip itself failed: so did every call in it
                     outcomes = [(False, exc)] * len(batch)
                 for (_call, future), (ok, value) in zip(batch, outcomes, strict=True):
@@ -101,11 +135,5 @@ class Batched(Generic[R]):
             if batch or queue.pending:
                 queue.pending = []
 
-    def _run_all(self, calls: list[_Call]) -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
-        for context, kwargs in calls:
-            try:
-                outcomes.append((True, context.run(self._fn, **kwargs)))
-            except Exception as exc:
-                outcomes.append((False, exc))
-        return outcomes
+    def _run_all(self, calls: list[Call]) -> list[Outcome]:
+        return self._run_batch(calls)

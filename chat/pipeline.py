@@ -24,10 +24,11 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from chat import response_cache, selectors, services
-from chat.batching import Batched
+from chat.batching import Batched, Call, Outcome
 from chat.callpath import CallOutcome, call_model
 from chat.errors import BlockedInput, ChatError, Forbidden, Internal, InvalidInput
 from chat.owners import Owner
@@ -111,33 +112,40 @@ async def chat_accept(
     )
 
 
-def _admit(
+def _store_send(
     *,
     owner: Owner,
-    client_ip: str,
     request: SendRequest,
     content: str,
     injection: InjectionVerdict | None,
-) -> tuple[Accepted, Prepared | None]:
-    reservation = limits.check_send_limits(owner=owner, client_ip=client_ip)
+    **_: Any,
+) -> Accepted:
+    # Both write inside their own transaction.atomic(), which within a batch's
+    # transaction is a savepoint: a refused send (someone else's conversation,
+    # a retried id) undoes only its own statements. (A savepoint is a round
+    # trip on PostgreSQL, as BEGIN and COMMIT are; it adds no fsync.)
     if request.regenerate_id is not None:
-        accepted = services.reply_regenerate(
+        return services.reply_regenerate(
             owner=owner,
             reply_id=request.regenerate_id,
             client_msg_id=request.client_msg_id,
             version_for=version_for,
         )
-    else:
-        accepted = services.message_accept(
-            owner=owner,
-            content=content,
-            client_msg_id=request.client_msg_id,
-            conversation_id=request.conversation_id,
-            version_for=version_for,
-            injection_score=injection.score if injection else None,
-            injection_signals=list(injection.signals) if injection else [],
-            edit_id=request.edit_id,
-        )
+    return services.message_accept(
+        owner=owner,
+        content=content,
+        client_msg_id=request.client_msg_id,
+        conversation_id=request.conversation_id,
+        version_for=version_for,
+        injection_score=injection.score if injection else None,
+        injection_signals=list(injection.signals) if injection else [],
+        edit_id=request.edit_id,
+    )
+
+
+def _ready(
+    *, accepted: Accepted, reservation: limits.Reservation, content: str
+) -> tuple[Accepted, Prepared | None]:
     if accepted.duplicate:
         # Nothing new will run: give the budget back at once.
         limits.budget_settle(reservation=reservation, cost_usd=Decimal("0"), tokens=0)
@@ -145,8 +153,65 @@ def _admit(
     return accepted.with_reservation(reservation), _prepare(accepted, content)
 
 
-# Messages that arrive together share trips to the database thread.
-_admit_batched = Batched(_admit)
+def _admit_all(calls: list[Call]) -> list[Outcome]:
+    """Admit the sends of one trip: limits, then one transaction storing them all, then history.
+
+    Phase by phase, each send in its caller's context with its own outcome:
+    1. limits, blocks and budget (the cache, which may be Redis: no
+       transaction is open across it);
+    2. every admitted send stored in one transaction, each in its own
+       savepoint: the batch costs one commit, the write-ahead log's write and
+       (on PostgreSQL) its fsync, instead of one a message;
+    3. after the commit, what each reply needs (history, response cache).
+    A send that is not stored gets its budget reservation back; if the commit
+    itself fails, none of the batch was stored and every send gets the error.
+    """
+    outcomes: list[Outcome | None] = [None] * len(calls)
+    reservations: dict[int, limits.Reservation] = {}
+    for i, call in enumerate(calls):
+        ok, value = call.run(
+            limits.check_send_limits,
+            owner=call.kwargs["owner"],
+            client_ip=call.kwargs["client_ip"],
+        )
+        if ok:
+            reservations[i] = value
+        else:
+            outcomes[i] = (False, value)
+    stored: dict[int, Accepted] = {}
+    # A lone send is stored as it always was, in its own transaction.
+    together = len(reservations) > 1
+    if reservations:
+        try:
+            with transaction.atomic() if together else contextlib.nullcontext():
+                for i in reservations:
+                    ok, value = calls[i].run(_store_send, **calls[i].kwargs)
+                    if ok:
+                        stored[i] = value
+                    else:
+                        outcomes[i] = (False, value)
+        except Exception as exc:  # the commit failed: nothing of the batch is stored
+            for i in stored:
+                outcomes[i] = (False, exc)
+            stored = {}
+    for i, reservation in reservations.items():
+        if i in stored:
+            outcomes[i] = calls[i].run(
+                _ready,
+                accepted=stored[i],
+                reservation=reservation,
+                content=calls[i].kwargs["content"],
+            )
+        else:
+            calls[i].run(
+                limits.budget_settle, reservation=reservation, cost_usd=Decimal("0"), tokens=0
+            )
+    # Every send has its outcome by now; none is ever dropped or shifted.
+    return [o if o is not None else (False, RuntimeError("no outcome")) for o in outcomes]
+
+
+# Messages that arrive together share trips to the database thread and a commit.
+_admit_batched = Batched.grouped(_admit_all)
 
 
 def accepted_frame(accepted: Accepted) -> dict[str, Any]:

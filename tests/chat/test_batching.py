@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from chat.batching import MAX_BATCH, Batched
+from chat.batching import MAX_BATCH, Batched, Call, Outcome
 from monitoring.logs import _context, log_context
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -94,3 +94,47 @@ async def test_a_call_that_fails_in_a_batch_rolls_back_only_its_own_writes():
         )
     )()
     assert stored == ["batch-0", "batch-1", "batch-2", "batch-4", "batch-5"]
+
+
+async def test_a_grouped_function_gets_the_batch_and_answers_each_call():
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def run(calls: list[Call]) -> list[Outcome]:
+        ns = [call.kwargs["n"] for call in calls]
+        if ns == [0]:
+            release.wait(timeout=10)  # the lone first trip, while the rest arrive
+        batches.append(ns)
+        return [
+            call.run(lambda n: n * 10 if n != 3 else 1 / 0, n=n)
+            for n, call in zip(ns, calls, strict=True)
+        ]
+
+    grouped = Batched.grouped(run)
+    first = asyncio.ensure_future(grouped(n=0))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(grouped(n=n)) for n in range(1, 6)]
+    release.set()
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert batches == [[0], [1, 2, 3, 4, 5]]
+    assert results[:3] + results[4:] == [0, 10, 20, 40, 50]
+    assert isinstance(results[3], ZeroDivisionError)
+
+
+async def test_a_grouped_function_that_loses_an_outcome_fails_its_whole_batch():
+    release = threading.Event()
+
+    def run(calls: list[Call]) -> list[Outcome]:
+        if len(calls) == 1:
+            release.wait(timeout=10)
+            return [(True, "alone")]
+        return [(True, "only one")]  # one outcome for several calls: a bug
+
+    grouped = Batched.grouped(run)
+    first = asyncio.ensure_future(grouped(n=0))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(grouped(n=n)) for n in range(1, 4)]
+    release.set()
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert results[0] == "alone"
+    assert all(isinstance(r, RuntimeError) and "3 calls" in str(r) for r in results[1:])

@@ -226,3 +226,16 @@ async def test_concurrent_reservations_are_exact(make_user, settings):
 
     results = await asyncio.gather(*[asyncio.to_thread(attempt) for _ in range(25)])
     assert sum(results) == 10
+
+
+async def test_a_send_refused_after_its_reservation_gives_the_budget_back(ws, make_user, settings):
+    """A send to someone else's chat is refused after limits ran; it must not keep budget."""
+    settings.CHAT_DAILY_BUDGET_USD = "0.05"
+    settings.CHAT_BUDGET_RESERVE_USD = "0.02"
+    alice = await ws(await cookie_for(make_user))
+    theirs = (await chat(alice))[0]["conversation"]
+    mallory = await ws(await cookie_for(make_user, "mallory"))
+    for _ in range(4):  # more than the budget could hold if each kept its reservation
+        refused = await chat(mallory, "let me in", conversation=theirs)
+        assert refused[0]["code"] == "not_found"
+    assert (await chat(mallory))[-1]["type"] == "chat.done"

@@ -1,0 +1,135 @@
+"""Sends that arrive together are stored in one transaction, and still fail one by one."""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from typing import Any
+
+import pytest
+from django.db import OperationalError, connections
+
+from chat import pipeline
+from chat.batching import Call
+from chat.errors import BudgetExceeded, NotFound
+from chat.models import Message
+from chat.owners import Owner
+from chat.safety import limits
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _call(owner: Owner, content: str = "hello", **request: Any) -> Call:
+    send = pipeline.SendRequest(
+        content=content,
+        client_msg_id=request.pop("client_msg_id", uuid.uuid4()),
+        conversation_id=request.pop("conversation_id", None),
+    )
+    return Call(
+        contextvars.copy_context(),
+        {
+            "owner": owner,
+            "client_ip": "10.0.0.9",
+            "request": send,
+            "content": content,
+            "injection": None,
+        },
+    )
+
+
+@pytest.fixture
+def owners(make_user) -> dict[str, Owner]:
+    names = ("alice", "bob", "carol", "mallory")
+    return {name: Owner(user_id=make_user(name).pk) for name in names}
+
+
+@pytest.fixture
+def commits(monkeypatch) -> list[str]:
+    counted: list[str] = []
+    wrapper = type(connections["default"])
+    real = wrapper.commit
+
+    def commit(self: Any) -> None:
+        counted.append(self.alias)
+        real(self)
+
+    monkeypatch.setattr(wrapper, "commit", commit)
+    return counted
+
+
+def test_a_batch_is_stored_with_one_commit(owners, commits):
+    calls = [_call(owners[name], f"hi from {name}") for name in ("alice", "bob", "alice")]
+    outcomes = pipeline._admit_all(calls)
+    assert [ok for ok, _ in outcomes] == [True, True, True]
+    assert commits == ["default"]
+    stored = Message.objects.filter(role=Message.Role.USER).order_by("id")
+    assert [m.content for m in stored] == ["hi from alice", "hi from bob", "hi from alice"]
+    # Each has its pending reply, and history for the model.
+    for _ok, (accepted, prepared) in outcomes:
+        assert Message.objects.get(pk=accepted.reply_id).status == Message.Status.PENDING
+        assert prepared.history[-1].content.startswith("hi from")
+
+
+def test_a_refused_send_in_a_batch_fails_alone_and_gets_its_budget_back(owners, settings):
+    settings.CHAT_DAILY_BUDGET_USD = "0.02"
+    settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills mallory's day
+    [(ok, (theirs, _))] = pipeline._admit_all([_call(owners["alice"])])
+    assert ok
+    calls = [
+        _call(owners["bob"], "first"),
+        _call(owners["mallory"], "let me in", conversation_id=theirs.conversation_id),
+        _call(owners["carol"], "second"),
+    ]
+    outcomes = pipeline._admit_all(calls)
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    assert isinstance(outcomes[1][1], NotFound)
+    assert list(
+        Message.objects.filter(conversation_id=theirs.conversation_id).values_list(
+            "content", flat=True
+        )
+    ) == ["hello", ""]  # alice's message and pending reply, nothing of mallory's
+    assert sorted(
+        Message.objects.filter(role=Message.Role.USER).values_list("content", flat=True)
+    ) == ["first", "hello", "second"]
+    # The refused send's reservation was given back: mallory can still send today.
+    limits.check_send_limits(owner=owners["mallory"], client_ip="10.0.0.9")
+    with pytest.raises(BudgetExceeded):
+        limits.check_send_limits(owner=owners["mallory"], client_ip="10.0.0.9")
+
+
+def test_a_retried_send_in_a_batch_gets_the_first_ids(owners):
+    retried = uuid.uuid4()
+    [(ok, (first, _))] = pipeline._admit_all([_call(owners["alice"], client_msg_id=retried)])
+    assert ok
+    outcomes = pipeline._admit_all(
+        [
+            _call(owners["bob"]),
+            _call(owners["alice"], client_msg_id=retried),
+            _call(owners["bob"]),
+        ]
+    )
+    assert [ok for ok, _ in outcomes] == [True, True, True]
+    again, prepared = outcomes[1][1]
+    assert again.duplicate and prepared is None
+    assert (again.user_message_id, again.reply_id) == (first.user_message_id, first.reply_id)
+    assert Message.objects.filter(role=Message.Role.USER).count() == 3
+
+
+def test_a_failed_commit_stores_nothing_and_fails_every_send(owners, settings, monkeypatch):
+    settings.CHAT_DAILY_BUDGET_USD = "0.02"
+    settings.CHAT_BUDGET_RESERVE_USD = "0.02"
+    wrapper = type(connections["default"])
+    real = wrapper.commit
+
+    def disk_full(self: Any) -> None:
+        monkeypatch.setattr(wrapper, "commit", real)  # only this once
+        raise OperationalError("database or disk is full")
+
+    monkeypatch.setattr(wrapper, "commit", disk_full)
+    outcomes = pipeline._admit_all([_call(owners["alice"]), _call(owners["bob"])])
+    assert [ok for ok, _ in outcomes] == [False, False]
+    assert all(isinstance(err, OperationalError) for _, err in outcomes)
+    assert not Message.objects.exists()
+    # Both reservations came back: each can still send today, once.
+    for name in ("alice", "bob"):
+        limits.check_send_limits(owner=owners[name], client_ip="10.0.0.9")
