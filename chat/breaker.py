@@ -212,7 +212,14 @@ async def arecord_result(*, model: str, ok: bool, now: float) -> str:
         _failed_since_success.discard(model)
     else:
         _failed_since_success.add(model)
-    return await _record_in_thread(_take_pending(model), model, ok, now)
+    state = await _record_in_thread(_take_pending(model), model, ok, now)
+    if ok and state == CLOSED:
+        # Just seen closed: trusted as acheck_allowed trusts it, so the next
+        # second's successes are batched. Without this, replies that outlive
+        # the trust (any longer than a second) each paid a trip here before
+        # their last words could be sent (make bench (c): the longest gap).
+        _trusted_closed[model] = now + LOCAL_TRUST_S
+    return state
 
 
 def _schedule_flush() -> None:

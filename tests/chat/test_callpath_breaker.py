@@ -175,3 +175,22 @@ async def test_successes_are_counted_in_a_batch_and_a_failure_sees_them(settings
     # Now 2 of 5 ... and 3 of 6 failed: the rate opens it, with every success counted.
     assert await breaker.arecord_result(model=model, ok=False, now=now) == "closed"
     assert await breaker.arecord_result(model=model, ok=False, now=now) == "open"
+
+
+async def test_a_success_after_the_trust_ran_out_renews_it(settings):
+    """Long replies outlive the trust; the first success to end renews it for the rest."""
+    from django.core.cache import cache
+
+    from chat import breaker
+
+    model, now = "openai:long-replies", 1000.0
+    assert await breaker.acheck_allowed(model=model, now=now) == (True, "closed")
+    later = now + 5 * breaker.LOCAL_TRUST_S  # the replies took five seconds
+    assert await breaker.arecord_result(model=model, ok=True, now=later) == "closed"
+    calls = f"breaker:{model}:calls:{int(later // 10)}"
+    assert await sync_to_async(cache.get)(calls) == 1  # past the trust: the full path
+    for _ in range(3):  # ... which renewed the trust: these wait for nothing
+        assert await breaker.arecord_result(model=model, ok=True, now=later + 0.5) == "closed"
+    assert await sync_to_async(cache.get)(calls) == 1
+    await breaker.aflush()
+    assert await sync_to_async(cache.get)(calls) == 4
