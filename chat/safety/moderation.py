@@ -429,9 +429,10 @@ class OutputGate:
     whole window (later windows are judged with it as context).
 
     With `clock` (a monotonic time source):
-    - `max_hold_s` also ends a window once its oldest text has waited that
-      long (checked as each token arrives), which bounds the holdback of a
-      slow stream in time as well as in tokens;
+    - `max_hold_s` also ends a window once that long has passed since the
+      last release (checked as each token arrives): frames are at most about
+      that far apart, no text waits longer, and a token that comes slower
+      than that is released as it arrives;
     - a window that filled in less than `fast_s` doubles the next one, up to
       MAX_WINDOW_SCALE times the configured size; a slower one resets it.
       Text that arrives faster than the socket sends it (a cached reply, a
@@ -464,6 +465,7 @@ class OutputGate:
         self._fast_s = fast_s
         self._scale = 1
         self._window_started = 0.0
+        self._released_at: float | None = None  # the last release, by the clock
         self._held = ""
         self._held_tokens = 0
         self._scanned = 0  # no sentence end in _held before this index
@@ -515,7 +517,8 @@ class OutputGate:
     def _held_too_long(self) -> bool:
         if self._max_hold_s is None or self._clock is None:
             return False
-        return self._clock() - self._window_started >= self._max_hold_s
+        since = self._window_started if self._released_at is None else self._released_at
+        return self._clock() - since >= self._max_hold_s
 
     async def _release(self, cut: int) -> str:
         if self._clock is not None:
@@ -523,7 +526,7 @@ class OutputGate:
             if self._released_any:  # the short first window says nothing of the pace
                 fast = now - self._window_started < self._fast_s
                 self._scale = min(self._scale * 2, MAX_WINDOW_SCALE) if fast else 1
-            self._window_started = now
+            self._window_started = self._released_at = now
         self._released_any = True
         window, rest = self._held[:cut], self._held[cut:]
         verdict = await self.moderator.check(self._context + window, stage="output")

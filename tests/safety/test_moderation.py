@@ -372,3 +372,23 @@ async def test_gate_holds_a_slow_stream_back_at_most_max_hold():
 
     assert await longest_wait(None) > 0.2  # 8 tokens at 30/s: up to 233 ms
     assert await longest_wait(0.1) <= 0.1 + gap + 1e-9
+
+
+async def test_gate_releases_a_slow_stream_token_by_token_as_it_arrives():
+    """A model slower than the hold bound shows each word at once (each still checked)."""
+    tokens = [f" word{i}" for i in range(40)]  # no sentence end, no cut inside a token
+    clock, moderator = FakeClock(), CountingModerator()
+    g = OutputGate(
+        moderator,
+        window_tokens=8,
+        window_chars=120,
+        first_window_tokens=1,
+        clock=clock,
+        max_hold_s=0.1,
+    )
+    released = []
+    for i, token in enumerate(tokens):
+        clock.now = i * 0.2  # 5 tokens/s
+        released.append(await g.feed(token))
+    assert released == [[token] for token in tokens]
+    assert moderator.checked == len(tokens)
