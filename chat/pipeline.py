@@ -24,7 +24,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from chat import response_cache, selectors, services
@@ -163,8 +163,9 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
        savepoint: the batch costs one commit, the write-ahead log's write and
        (on PostgreSQL) its fsync, instead of one a message;
     3. after the commit, what each reply needs (history, response cache).
-    A send that is not stored gets its budget reservation back; if the commit
-    itself fails, none of the batch was stored and every send gets the error.
+    A send that is not stored gets its budget reservation back. If the commit
+    fails, or a send fails with a database error (the transaction may be
+    broken), none of the batch is stored and every send gets the error.
     """
     outcomes: list[Outcome | None] = [None] * len(calls)
     reservations: dict[int, limits.Reservation] = {}
@@ -188,11 +189,17 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
                     ok, value = calls[i].run(_store_send, **calls[i].kwargs)
                     if ok:
                         stored[i] = value
-                    else:
-                        outcomes[i] = (False, value)
-        except Exception as exc:  # the commit failed: nothing of the batch is stored
-            for i in stored:
-                outcomes[i] = (False, exc)
+                        continue
+                    outcomes[i] = (False, value)
+                    if isinstance(value, DatabaseError):
+                        # The transaction may be aborted (PostgreSQL then turns
+                        # the COMMIT into a silent ROLLBACK): fail the batch
+                        # rather than answer sends that were not stored.
+                        raise value
+        except Exception as exc:  # nothing of the batch is stored
+            for i in reservations:
+                if outcomes[i] is None:  # stored, or never tried
+                    outcomes[i] = (False, exc)
             stored = {}
     for i, reservation in reservations.items():
         if i in stored:

@@ -133,3 +133,22 @@ def test_a_failed_commit_stores_nothing_and_fails_every_send(owners, settings, m
     # Both reservations came back: each can still send today, once.
     for name in ("alice", "bob"):
         limits.check_send_limits(owner=owners[name], client_ip="10.0.0.9")
+
+
+def test_a_database_error_in_one_send_fails_the_whole_batch(owners, monkeypatch):
+    """On PostgreSQL such an error aborts the transaction: no send may be answered as stored."""
+    from chat import services
+
+    real = services.message_accept
+
+    def accept(**kwargs: Any) -> Any:
+        if kwargs["content"] == "poison":
+            raise OperationalError("canceling statement due to statement timeout")
+        return real(**kwargs)
+
+    monkeypatch.setattr(services, "message_accept", accept)
+    calls = [_call(owners["alice"]), _call(owners["bob"], "poison"), _call(owners["carol"])]
+    outcomes = pipeline._admit_all(calls)
+    assert [ok for ok, _ in outcomes] == [False, False, False]
+    assert all(isinstance(err, OperationalError) for _, err in outcomes)
+    assert not Message.objects.exists()
