@@ -96,6 +96,15 @@ async def test_a_call_that_fails_in_a_batch_rolls_back_only_its_own_writes():
     assert stored == ["batch-0", "batch-1", "batch-2", "batch-4", "batch-5"]
 
 
+async def _one_then_more(batched: Batched[object], release: threading.Event, more: int) -> list:
+    """Call n=0, whose trip waits for `release`, then n=1..more meanwhile; return every result."""
+    first = asyncio.ensure_future(batched(n=0))
+    await asyncio.sleep(0)  # the first trip starts at once, alone
+    rest = [asyncio.ensure_future(batched(n=n)) for n in range(1, more + 1)]
+    release.set()
+    return await asyncio.gather(first, *rest, return_exceptions=True)
+
+
 async def test_a_grouped_function_gets_the_batch_and_answers_each_call():
     release = threading.Event()
     batches: list[list[int]] = []
@@ -110,12 +119,7 @@ async def test_a_grouped_function_gets_the_batch_and_answers_each_call():
             for n, call in zip(ns, calls, strict=True)
         ]
 
-    grouped = Batched.grouped(run)
-    first = asyncio.ensure_future(grouped(n=0))
-    await asyncio.sleep(0)
-    rest = [asyncio.ensure_future(grouped(n=n)) for n in range(1, 6)]
-    release.set()
-    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    results = await _one_then_more(Batched.grouped(run), release, 5)
     assert batches == [[0], [1, 2, 3, 4, 5]]
     assert results[:3] + results[4:] == [0, 10, 20, 40, 50]
     assert isinstance(results[3], ZeroDivisionError)
@@ -130,11 +134,6 @@ async def test_a_grouped_function_that_loses_an_outcome_fails_its_whole_batch():
             return [(True, "alone")]
         return [(True, "only one")]  # one outcome for several calls: a bug
 
-    grouped = Batched.grouped(run)
-    first = asyncio.ensure_future(grouped(n=0))
-    await asyncio.sleep(0)
-    rest = [asyncio.ensure_future(grouped(n=n)) for n in range(1, 4)]
-    release.set()
-    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    results = await _one_then_more(Batched.grouped(run), release, 3)
     assert results[0] == "alone"
     assert all(isinstance(r, RuntimeError) and "3 calls" in str(r) for r in results[1:])
