@@ -203,16 +203,17 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
             stored = {}
     for i, reservation in reservations.items():
         if i in stored:
-            outcomes[i] = calls[i].run(
+            ready = calls[i].run(
                 _ready,
                 accepted=stored[i],
                 reservation=reservation,
                 content=calls[i].kwargs["content"],
             )
-        else:
-            calls[i].run(
-                limits.budget_settle, reservation=reservation, cost_usd=Decimal("0"), tokens=0
-            )
+            outcomes[i] = ready
+            if ready[0]:
+                continue
+        # No reply will run for this send: its reservation goes back.
+        calls[i].run(limits.budget_settle, reservation=reservation, cost_usd=Decimal("0"), tokens=0)
     # Every send has its outcome by now; none is ever dropped or shifted.
     return [o if o is not None else (False, RuntimeError("no outcome")) for o in outcomes]
 

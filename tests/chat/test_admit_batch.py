@@ -152,3 +152,19 @@ def test_a_database_error_in_one_send_fails_the_whole_batch(owners, monkeypatch)
     assert [ok for ok, _ in outcomes] == [False, False, False]
     assert all(isinstance(err, OperationalError) for _, err in outcomes)
     assert not Message.objects.exists()
+
+
+def test_a_stored_send_whose_reply_cannot_be_prepared_gives_its_budget_back(
+    owners, settings, monkeypatch
+):
+    settings.CHAT_DAILY_BUDGET_USD = "0.02"
+    settings.CHAT_BUDGET_RESERVE_USD = "0.02"
+
+    def unreadable(accepted: Any, content: str) -> Any:
+        raise OperationalError("history unreadable")
+
+    monkeypatch.setattr(pipeline, "_prepare", unreadable)
+    [(ok, err)] = pipeline._admit_all([_call(owners["alice"])])
+    assert not ok and isinstance(err, OperationalError)
+    # No reply will run: the reservation came back, alice can still send today.
+    limits.check_send_limits(owner=owners["alice"], client_ip="10.0.0.9")
