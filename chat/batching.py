@@ -57,28 +57,25 @@ class _Queue:
     busy: bool = False  # a lone call's trip is in flight
 
 
-def _unused(**kwargs: Any) -> Any:
-    raise AssertionError("a grouped Batched runs its batch function")
-
-
 class Batched(Generic[R]):
     def __init__(self, fn: Callable[..., R]) -> None:
-        self._run_batch: Callable[[list[Call]], list[Outcome]] = lambda calls: [
-            call.run(fn, **call.kwargs) for call in calls
-        ]
+        self._setup(lambda calls: [call.run(fn, **call.kwargs) for call in calls])
+
+    @classmethod
+    def grouped(cls, run: Callable[[list[Call]], list[Outcome]]) -> Batched[Any]:
+        """Batch calls for `run`, which gets them all and returns an outcome each, in order."""
+        batched: Batched[Any] = cls.__new__(cls)
+        batched._setup(run)
+        return batched
+
+    def _setup(self, run_batch: Callable[[list[Call]], list[Outcome]]) -> None:
+        self._run_batch = run_batch
         # Per event loop (each test has its own).
         self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
             weakref.WeakKeyDictionary()
         )
         self._run_in_thread = database_sync_to_async(self._run_all)
         self.trips = 0  # trips to the database thread so far
-
-    @classmethod
-    def grouped(cls, run: Callable[[list[Call]], list[Outcome]]) -> Batched[Any]:
-        """Batch calls for `run`, which gets them all and returns an outcome each, in order."""
-        batched: Batched[Any] = cls(_unused)
-        batched._run_batch = run
-        return batched
 
     async def __call__(self, **kwargs: Any) -> R:
         loop = asyncio.get_running_loop()
