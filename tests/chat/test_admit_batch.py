@@ -19,11 +19,17 @@ from chat.safety import limits
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _call(owner: Owner, content: str = "hello", **request: Any) -> Call:
+def _call(
+    owner: Owner,
+    content: str = "hello",
+    *,
+    client_msg_id: uuid.UUID | None = None,
+    conversation_id: int | None = None,
+) -> Call:
     send = pipeline.SendRequest(
         content=content,
-        client_msg_id=request.pop("client_msg_id", uuid.uuid4()),
-        conversation_id=request.pop("conversation_id", None),
+        client_msg_id=client_msg_id or uuid.uuid4(),
+        conversation_id=conversation_id,
     )
     return Call(
         contextvars.copy_context(),
