@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from django.core.cache import cache
 
+from chat.clock import ManualClock
 from chat.snapshots import RECHECK_S, Snapshot
 from feedback import versions
 from feedback.models import ModelVersion
@@ -35,18 +36,10 @@ def _switch_without_signals(to: ModelVersion) -> None:
     ModelVersion.objects.filter(pk=to.pk).update(is_active=True)
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
-    fake = _Clock()
-    monkeypatch.setattr(versions._routing, "_clock", fake)
+def clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    fake = ManualClock()
+    monkeypatch.setattr(versions._routing, "_clock", fake.now)
     return fake
 
 
@@ -55,14 +48,14 @@ def test_a_change_elsewhere_is_seen_once_its_token_is_published(clock):
     assert versions.version_for(conversation_id=1).version_id == v1.pk
     _switch_without_signals(v2)
     # The snapshot is what makes a message cheap: until told, it answers v1 ...
-    clock.now += 1
+    clock.advance(1)
     assert versions.version_for(conversation_id=1).version_id == v1.pk
     # ... and another process's change publishes a new token, as this does.
     Snapshot("versions", lambda: None).changed()
     # The token was checked just now: it is checked again RECHECK_S later.
-    clock.now += RECHECK_S / 2
+    clock.advance(RECHECK_S / 2)
     assert versions.version_for(conversation_id=1).version_id == v1.pk
-    clock.now += RECHECK_S / 2
+    clock.advance(RECHECK_S / 2)
     assert versions.version_for(conversation_id=1).version_id == v2.pk
 
 
@@ -82,7 +75,7 @@ def test_a_burst_of_reads_checks_the_token_once(clock, monkeypatch):
     for _ in range(5):
         for _ in range(10):
             versions.version_for(conversation_id=1)
-        clock.now += RECHECK_S
+        clock.advance(RECHECK_S)
     assert reads == [versions._routing.key] * 5
 
 
@@ -95,7 +88,7 @@ def test_without_a_readable_cache_every_read_goes_to_the_database(clock, monkeyp
 
     monkeypatch.setattr(cache, "get", down)
     _switch_without_signals(v2)
-    clock.now += RECHECK_S  # the next check of the token fails
+    clock.advance(RECHECK_S)  # the next check of the token fails
     assert versions.version_for(conversation_id=1).version_id == v2.pk
     _switch_without_signals(v1)
     assert versions.version_for(conversation_id=1).version_id == v1.pk
