@@ -18,8 +18,10 @@ same instant may both open the breaker, which is harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -156,10 +158,47 @@ async def acheck_allowed(*, model: str, now: float) -> tuple[bool, str]:
     """
     if _trusted_closed.get(model, -math.inf) > now:
         return True, CLOSED
-    allowed, state = await _check_in_thread(model=model, now=now)
+    if await _after_trip_in_flight(model) and _trusted_closed.get(model, -math.inf) > now:
+        return True, CLOSED
+    with _trip(model):
+        allowed, state = await _check_in_thread(model=model, now=now)
     if state == CLOSED:
         _trusted_closed[model] = now + LOCAL_TRUST_S
     return allowed, state
+
+
+# This process's trip to the shared state of a model, while one runs. When
+# the trust has lapsed, a burst of calls (a thousand replies that started or
+# ended together) would each make that trip, and queue for the threads and
+# the cache's write lock. They wait for the one in flight instead: if it saw
+# the breaker closed they go on trusting it, else they make their own trip
+# (a half-open breaker hands out one probe slot a trip).
+_in_flight: dict[str, asyncio.Future[None]] = {}
+
+
+@contextlib.contextmanager
+def _trip(model: str) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    running = _in_flight.get(model)
+    if running is not None and running.get_loop() is loop:
+        yield  # another trip runs: the waiters keep waiting for that one
+        return
+    done = _in_flight[model] = loop.create_future()
+    try:
+        yield
+    finally:
+        if _in_flight.get(model) is done:
+            del _in_flight[model]
+        done.set_result(None)
+
+
+async def _after_trip_in_flight(model: str) -> bool:
+    """Wait for this process's trip for `model` if one runs; return whether one did."""
+    done = _in_flight.get(model)
+    if done is None or done.get_loop() is not asyncio.get_running_loop():
+        return False
+    await asyncio.shield(done)
+    return True
 
 
 # Successes while the breaker is trusted closed and this process has seen no
@@ -203,16 +242,18 @@ _add_in_thread = sync_to_async(add_successes, thread_sensitive=False)
 
 async def arecord_result(*, model: str, ok: bool, now: float) -> str:
     """Async twin of `record_result`; successes may be counted in a batch (see above)."""
-    if ok and model not in _failed_since_success and _trusted_closed.get(model, -math.inf) > now:
-        key = (model, int(now // _BUCKET_S))
-        _pending_ok[key] = _pending_ok.get(key, 0) + 1
-        _schedule_flush()
+    if ok and _may_batch(model, now):
+        _batch_success(model, now)
+        return CLOSED
+    if ok and await _after_trip_in_flight(model) and _may_batch(model, now):
+        _batch_success(model, now)
         return CLOSED
     if ok:
         _failed_since_success.discard(model)
     else:
         _failed_since_success.add(model)
-    state = await _record_in_thread(_take_pending(model), model, ok, now)
+    with _trip(model):
+        state = await _record_in_thread(_take_pending(model), model, ok, now)
     if ok and state == CLOSED:
         # Just seen closed: trusted as acheck_allowed trusts it, so the next
         # second's successes are batched. Without this, replies that outlive
@@ -220,6 +261,16 @@ async def arecord_result(*, model: str, ok: bool, now: float) -> str:
         # their last words could be sent (make bench (c): the longest gap).
         _trusted_closed[model] = now + LOCAL_TRUST_S
     return state
+
+
+def _may_batch(model: str, now: float) -> bool:
+    return model not in _failed_since_success and _trusted_closed.get(model, -math.inf) > now
+
+
+def _batch_success(model: str, now: float) -> None:
+    key = (model, int(now // _BUCKET_S))
+    _pending_ok[key] = _pending_ok.get(key, 0) + 1
+    _schedule_flush()
 
 
 def _schedule_flush() -> None:
@@ -265,6 +316,7 @@ def forget_local_state() -> None:
     _trusted_closed.clear()
     _pending_ok.clear()
     _failed_since_success.clear()
+    _in_flight.clear()
     if _flush_handle is not None:
         _flush_handle.cancel()
         _flush_handle = None

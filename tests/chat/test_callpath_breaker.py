@@ -194,3 +194,85 @@ async def test_a_success_after_the_trust_ran_out_renews_it(settings):
     assert await sync_to_async(cache.get)(calls) == 1
     await breaker.aflush()
     assert await sync_to_async(cache.get)(calls) == 4
+
+
+async def test_replies_ending_together_after_the_trust_ran_out_make_one_trip(settings):
+    """A burst of successes past the trust waits for one trip, then is counted in a batch."""
+    import asyncio
+
+    from django.core.cache import cache
+
+    from chat import breaker
+
+    model, now = "openai:burst-end", 1000.0
+    assert await breaker.acheck_allowed(model=model, now=now) == (True, "closed")
+    later = now + 5 * breaker.LOCAL_TRUST_S
+    calls = f"breaker:{model}:calls:{int(later // 10)}"
+    states = await asyncio.gather(
+        *(breaker.arecord_result(model=model, ok=True, now=later) for _ in range(20))
+    )
+    assert states == ["closed"] * 20
+    assert await sync_to_async(cache.get)(calls) == 1  # one trip; not twenty
+    await breaker.aflush()
+    assert await sync_to_async(cache.get)(calls) == 20  # every success counted
+
+
+async def test_calls_starting_together_share_one_look_at_a_closed_breaker(settings, monkeypatch):
+    import asyncio
+
+    from chat import breaker
+
+    trips: list[str] = []
+    real = breaker._check_in_thread
+
+    async def counted(*, model: str, now: float) -> tuple[bool, str]:
+        trips.append(model)
+        return await real(model=model, now=now)
+
+    monkeypatch.setattr(breaker, "_check_in_thread", counted)
+    model, now = "openai:burst-start", 1000.0
+    results = await asyncio.gather(
+        *(breaker.acheck_allowed(model=model, now=now) for _ in range(20))
+    )
+    assert results == [(True, "closed")] * 20
+    assert trips == [model]
+
+
+async def test_calls_starting_together_at_a_half_open_breaker_get_one_probe_slot_each(settings):
+    """Waiting for a trip shares only a closed verdict: each probe still takes its own slot."""
+    import asyncio
+
+    from django.core.cache import cache
+
+    from chat import breaker
+
+    settings.CHAT_BREAKER_COOLDOWN_S = 30.0
+    settings.CHAT_BREAKER_PROBES = 1
+    model, now = "openai:half-open-burst", 1000.0
+    await sync_to_async(cache.set)(f"breaker:{model}:opened_at", now - 60, None)
+    results = await asyncio.gather(
+        *(breaker.acheck_allowed(model=model, now=now) for _ in range(5))
+    )
+    assert sorted(results) == [(False, "half_open")] * 4 + [(True, "half_open")]
+
+
+async def test_a_success_waiting_behind_a_failure_still_resets_the_count(settings):
+    """Successes queued behind a failure's trip record the reset, not a silent batch."""
+    import asyncio
+
+    from django.core.cache import cache
+
+    from chat import breaker
+
+    settings.CHAT_BREAKER_FAILURES = 100
+    model, now = "openai:fail-then-ok", 1000.0
+    consecutive = f"breaker:{model}:consecutive"
+    states = await asyncio.gather(
+        breaker.arecord_result(model=model, ok=False, now=now),
+        *(breaker.arecord_result(model=model, ok=True, now=now) for _ in range(3)),
+    )
+    assert states == ["closed"] * 4
+    assert await sync_to_async(cache.get)(consecutive) == 0
+    await breaker.aflush()
+    calls = f"breaker:{model}:calls:{int(now // 10)}"
+    assert await sync_to_async(cache.get)(calls) == 4
