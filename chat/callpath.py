@@ -140,7 +140,12 @@ async def call_model(
                     announced = False
                     async for event in attempts:
                         if isinstance(event, Usage):
+                            # The last event: the outcome goes out before the
+                            # attempt's bookkeeping (see _try_model) ends.
                             usage = event
+                            yield CallOutcome(
+                                model=model, usage=usage, path=path, fallback=model != plan.model
+                            )
                             continue
                         if not announced and on_streaming is not None:
                             announced = True
@@ -169,7 +174,8 @@ async def call_model(
                 error=ended.error.code,
             )
             raise ended.error from None
-        yield CallOutcome(model=model, usage=usage, path=path, fallback=model != plan.model)
+        if usage is None:  # a stream that ended without its usage (never, by _try_model)
+            yield CallOutcome(model=model, usage=None, path=path, fallback=model != plan.model)
         return
 
     if cached_answer is not None:
@@ -289,8 +295,14 @@ async def _try_model(
             ) from None
         entry["outcome"] = "ok"
         path.append(entry)
-        await breaker.arecord_result(model=model, ok=True, now=clk.wall())
-        yield usage if usage is not None else _estimated(messages, chars)
+        ended_at = clk.wall()
+        try:
+            # The text is complete: the caller may show its last words now,
+            # while the breaker counts the success (a trip to the shared
+            # cache when this process's trust in it has lapsed).
+            yield usage if usage is not None else _estimated(messages, chars)
+        finally:
+            await breaker.arecord_result(model=model, ok=True, now=ended_at)
         return
 
 

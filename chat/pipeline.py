@@ -384,6 +384,12 @@ async def reply_run(
                 if isinstance(event, CallOutcome):
                     result.outcome = event
                     result.cached = result.cached or event.cached
+                    if event.error is None:
+                        # All the text is in: show the last of it now, not
+                        # after the call path's bookkeeping.
+                        for safe in await gate.finish():
+                            await sender.push(safe)
+                        await sender.close(deliver=True)
                     continue
                 for safe in await gate.feed(event):
                     await sender.push(safe)

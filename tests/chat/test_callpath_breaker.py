@@ -276,3 +276,41 @@ async def test_a_success_waiting_behind_a_failure_still_resets_the_count(setting
     await breaker.aflush()
     calls = f"breaker:{model}:calls:{int(now // 10)}"
     assert await sync_to_async(cache.get)(calls) == 4
+
+
+async def test_the_last_words_do_not_wait_for_the_breakers_bookkeeping(
+    ws, make_user, wired, settings, monkeypatch
+):
+    """The whole text is shown while the success is still being counted; done follows it."""
+    import asyncio
+
+    from chat import breaker
+    from tests.chat.helpers import delta_text
+    from tests.fakevendor import reply_text
+
+    # Windows that hold text back until the stream ends (20 tokens: 1 + 8 + 8 + 3 held).
+    settings.CHAT_MODERATION_WINDOW_TOKENS = 8
+    settings.CHAT_MODERATION_MAX_HOLD_MS = 60_000
+    counting = asyncio.Event()
+    counted = asyncio.Event()
+    real = breaker.arecord_result
+
+    async def slow_count(*, model: str, ok: bool, now: float) -> str:
+        counting.set()
+        await counted.wait()  # a slow trip to the shared cache
+        return await real(model=model, ok=ok, now=now)
+
+    monkeypatch.setattr(breaker, "arecord_result", slow_count)
+    comm = await ws(await cookie_for(make_user))
+    accepted = await ask(comm, "Tell me about tests")
+    frames = []
+    while delta_text(frames) != reply_text(20):
+        frames.append(await recv(comm))
+        assert frames[-1]["type"] == "chat.delta", frames[-1]
+    await asyncio.wait_for(counting.wait(), timeout=10)
+    counted.set()
+    done = await recv(comm)
+    assert (done["type"], done["finish_reason"]) == ("chat.done", "stop")
+    reply = await reload(accepted["message"])
+    assert reply.content == reply_text(20)
+    assert reply.call_path == [{"model": PRIMARY, "outcome": "ok"}]
