@@ -302,7 +302,12 @@ async def _try_model(
             # cache when this process's trust in it has lapsed).
             yield usage if usage is not None else _estimated(messages, chars)
         finally:
-            await breaker.arecord_result(model=model, ok=True, now=ended_at)
+            try:
+                await breaker.arecord_result(model=model, ok=True, now=ended_at)
+            except Exception as exc:  # the reply was delivered: bookkeeping must not fail it
+                logger.warning(
+                    "could not count a success of %s in the breaker: %s", model, type(exc).__name__
+                )
         return
 
 

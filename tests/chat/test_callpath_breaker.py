@@ -314,3 +314,26 @@ async def test_the_last_words_do_not_wait_for_the_breakers_bookkeeping(
     reply = await reload(accepted["message"])
     assert reply.content == reply_text(20)
     assert reply.call_path == [{"model": PRIMARY, "outcome": "ok"}]
+
+
+async def test_a_delivered_reply_is_not_failed_by_the_breakers_bookkeeping(
+    ws, make_user, wired, monkeypatch, caplog
+):
+    from chat import breaker
+    from tests.chat.helpers import delta_text
+    from tests.fakevendor import reply_text
+
+    async def store_down(*, model: str, ok: bool, now: float) -> str:
+        raise ConnectionError("redis://:secret@cache:6379 unreachable")
+
+    monkeypatch.setattr(breaker, "arecord_result", store_down)
+    comm = await ws(await cookie_for(make_user))
+    accepted = await ask(comm, "Tell me about tests")
+    frames = await recv_until_done(comm)
+    assert delta_text(frames) == reply_text(20)
+    assert [f["type"] for f in frames if f["type"] == "chat.error"] == []
+    assert frames[-1]["finish_reason"] == "stop"
+    reply = await reload(accepted["message"])
+    assert (reply.status, reply.finish_reason, reply.error_code) == ("finished", "stop", "")
+    assert "could not count a success of openai:gpt-fake in the breaker" in caplog.text
+    assert "secret" not in caplog.text
