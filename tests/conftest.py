@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -59,6 +60,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "browser" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _real_servers_rows_forgotten(django_db_blocker: Any) -> Iterator[None]:
+    """Empty pytest's database after a module whose real servers wrote to it.
+
+    In the scaled pass the servers of tests/e2e/conftest.py share pytest's
+    PostgreSQL database. What they write (users, messages, an activated model
+    version, blocks) is committed by other processes, so no test's rollback
+    or flush undoes it, and the next module's servers would read it: a
+    version activated by one module answered another module's messages.
+    """
+    from tests.e2e.conftest import started_servers
+
+    before = len(started_servers)
+    yield
+    mine = started_servers[before:]
+    if not (SCALED and mine):
+        return  # embedded servers write to their own SQLite files
+    if any(process.poll() is None for process in started_servers):
+        return  # a server still runs and may still need its rows
+    from django.core.management import call_command
+
+    with django_db_blocker.unblock():
+        call_command("flush", interactive=False, verbosity=0)
 
 
 @pytest.fixture(autouse=True)

@@ -60,6 +60,11 @@ def server_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     return env
 
 
+# Every server started, so that tests/conftest.py can empty pytest's database
+# after a module whose servers wrote to it (the scaled pass shares it).
+started_servers: list[subprocess.Popen[str]] = []
+
+
 def start_server(data_dir: Path, **extra: str) -> RunningServer:
     port = free_port()
     process = subprocess.Popen(
@@ -71,6 +76,7 @@ def start_server(data_dir: Path, **extra: str) -> RunningServer:
         text=True,
         start_new_session=True,  # its own process group, so Ctrl-C reaches all of it
     )
+    started_servers.append(process)
     lines: queue.Queue[str | None] = queue.Queue()
     output: list[str] = []
 
@@ -90,6 +96,7 @@ def start_server(data_dir: Path, **extra: str) -> RunningServer:
             stop_server(process)
             raise RuntimeError("server did not start:\n" + "".join(output)) from None
         if line is None:
+            stop_server(process)
             raise RuntimeError("server exited:\n" + "".join(output))
         if "Uvicorn running on" in line:
             break
@@ -116,7 +123,7 @@ def stop_server(process: subprocess.Popen[str]) -> int:
     return process.returncode
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live_app(
     tmp_path_factory: pytest.TempPathFactory, django_db_setup: None, django_db_blocker: object
 ) -> Iterator[RunningServer]:
