@@ -15,6 +15,14 @@ anchors are skipped over, which only widens it), which keeps the guarded
 pattern's matches exactly those of the original. Whatever the computation
 cannot bound (`.`, `\\w`, a negated class, a pattern that can match the
 empty string) leaves the pattern unguarded.
+
+`shared_prefixes` goes further for a pattern that is only asked whether it
+matches (the rules' combined prefilter): `re` skips an alternative for the
+price of one character test only when the alternative begins with a literal,
+and the rules' few hundred alternatives sit behind `\b` and groups, so each
+word start paid for all of them. Multiplied out and sharing their leading
+characters like the words of a dictionary, only the alternatives that begin
+with a word's letters are tried (about 3x faster on the rules).
 """
 
 from __future__ import annotations
@@ -26,15 +34,19 @@ from typing import Any
 
 _parser: Any
 _c: Any
+_compiler: Any
 try:  # CPython's own parser for `re`, as `re` uses it (3.11+; private, hence the fallback).
     _parser = importlib.import_module("re._parser")
     _c = importlib.import_module("re._constants")
+    _compiler = importlib.import_module("re._compiler")
 except ImportError:  # pragma: no cover - another Python: no guard, same matches
-    _parser = _c = None
+    _parser = _c = _compiler = None
 
 _GLOBAL_FLAGS = re.compile(r"\A\(\?[aiLmsux]+\)")
 # A class range wider than this is not spelled out (it would only slow the guard).
 _MAX_RANGE = 256
+# A pattern that multiplies out into more alternatives than this is left as it is.
+_MAX_ALTERNATIVES = 4096
 
 
 class _Unbounded(Exception):
@@ -118,3 +130,81 @@ def _class(items: Iterable[tuple[Any, Any]]) -> set[str]:
         else:  # NEGATE, CATEGORY (\w, \d, \s), a wide range
             raise _Unbounded(op)
     return chars
+
+
+class _TooMany(Exception):
+    """Multiplied out, the pattern would have more than _MAX_ALTERNATIVES alternatives."""
+
+
+def shared_prefixes(pattern: re.Pattern[str]) -> re.Pattern[str]:
+    """Return a pattern that can begin a match at exactly the positions `pattern` can.
+
+    The leading groups, alternations and optional parts of `pattern` are
+    multiplied out into plain alternatives, and alternatives that begin with
+    the same literal character or anchor share it, level by level. Where a
+    match can begin is unchanged; which alternative wins, and so where a
+    match ends, may differ: use the result to ask whether, or where first, a
+    text matches. A pattern with capturing groups, or that would multiply
+    out into too many alternatives, is returned as it is.
+    """
+    if _parser is None or _compiler is None or not isinstance(pattern.pattern, str):
+        return pattern
+    try:
+        tree = _parser.parse(pattern.pattern, pattern.flags)
+        if tree.state.groups > 1:  # group 0 is the whole match
+            return pattern
+        alternatives = _multiplied_out(list(tree.data), [0])
+        rebuilt = _shared(tree.state, alternatives)
+        if len(rebuilt) > 1:
+            rebuilt = [_node(tree.state, [(_c.BRANCH, (None, rebuilt))])]
+        return _compiler.compile(rebuilt[0], pattern.flags)
+    except (_TooMany, re.error, RecursionError, RuntimeError):
+        return pattern
+
+
+def _multiplied_out(items: list[tuple[Any, Any]], count: list[int]) -> list[list[tuple[Any, Any]]]:
+    """Return the sequences `items` stands for, its leading choices made each way."""
+    if not items:
+        return _as_is(items, count)
+    (op, arg), rest = items[0], items[1:]
+    if op is _c.AT:
+        return [[items[0], *tail] for tail in _multiplied_out(rest, count)]
+    if op is _c.SUBPATTERN and arg[0] is None and not arg[1] and not arg[2]:
+        return _multiplied_out(list(arg[3]) + rest, count)
+    if op is _c.BRANCH:
+        out: list[list[tuple[Any, Any]]] = []
+        for alternative in arg[1]:
+            out += _multiplied_out(list(alternative) + rest, count)
+        return out
+    if op in (_c.MAX_REPEAT, _c.MIN_REPEAT) and arg[0] == 0 and arg[1] == 1:
+        return _multiplied_out(list(arg[2]) + rest, count) + _multiplied_out(rest, count)
+    return _as_is(items, count)
+
+
+def _as_is(items: list[tuple[Any, Any]], count: list[int]) -> list[list[tuple[Any, Any]]]:
+    count[0] += 1
+    if count[0] > _MAX_ALTERNATIVES:
+        raise _TooMany()
+    return [items]
+
+
+def _shared(state: Any, sequences: list[list[tuple[Any, Any]]]) -> list[Any]:
+    """Return alternatives for `sequences`, those with the same first literal or anchor merged."""
+    heads: dict[tuple[Any, Any], list[list[tuple[Any, Any]]]] = {}
+    others = []
+    for sequence in sequences:
+        if sequence and sequence[0][0] in (_c.LITERAL, _c.AT):
+            heads.setdefault(sequence[0], []).append(sequence[1:])
+        else:
+            others.append(_node(state, sequence))
+    merged = []
+    for head, tails in heads.items():
+        if len(tails) == 1:
+            merged.append(_node(state, [head, *tails[0]]))
+        else:
+            merged.append(_node(state, [head, (_c.BRANCH, (None, _shared(state, tails)))]))
+    return merged + others
+
+
+def _node(state: Any, items: list[tuple[Any, Any]]) -> Any:
+    return _parser.SubPattern(state, items)

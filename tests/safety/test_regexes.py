@@ -12,7 +12,7 @@ import pytest
 
 from chat.providers.demo import iter_demo_tokens
 from chat.safety import injection, moderation
-from chat.safety.regexes import first_chars, guarded
+from chat.safety.regexes import first_chars, guarded, shared_prefixes
 
 
 @pytest.mark.parametrize(
@@ -106,10 +106,8 @@ def _unguarded(pattern: re.Pattern[str]) -> re.Pattern[str]:
     return re.compile(source, pattern.flags)
 
 
-def test_the_rules_and_the_injection_signals_are_guarded_and_match_as_before():
-    patterns = [moderation._ANY_RULE] + [
-        s.pattern for s in injection._LANGUAGE_SIGNALS + injection._TAG_SIGNALS
-    ]
+def test_the_injection_signals_are_guarded_and_match_as_before():
+    patterns = [s.pattern for s in injection._LANGUAGE_SIGNALS + injection._TAG_SIGNALS]
     texts = _texts()
     matched = 0
     for pattern in patterns:
@@ -119,6 +117,62 @@ def test_the_rules_and_the_injection_signals_are_guarded_and_match_as_before():
                 want = [m.span() for m in plain.finditer(variant)]
                 assert [m.span() for m in pattern.finditer(variant)] == want, (pattern, variant)
                 matched += bool(want)
+    assert matched > 50  # the corpus does exercise the rules
+
+
+SHAPES = [
+    r"\b(?:ab|ac|b)c",  # shared first letters
+    r"\b(?:a\s+|1)?c\b|\bcb",  # an optional lead, multiplied out
+    r"(?:a|b)(?:a|c)?b|ab",
+    r"(?<!a)b+|\bb1",  # a lookbehind keeps its place
+    r"(?i)ab|a1",
+    r"(?m)^ ?b|^a",
+    r"a(?:b|c)??c|a\w",  # lazy optional
+    r"\b(?:(?:a|b)c|a)\b",
+    r"x|",  # an empty alternative: a match begins everywhere
+]
+
+
+def _starts(pattern: re.Pattern[str], text: str) -> list[int]:
+    """Every position a match of `pattern` can begin at (match() sees what lies before)."""
+    return [i for i in range(len(text) + 1) if pattern.match(text, i)]
+
+
+@pytest.mark.parametrize("source", SHAPES)
+def test_shared_prefixes_begin_a_match_wherever_the_original_can(source):
+    plain = re.compile(source)
+    fast = shared_prefixes(plain)
+    assert fast is not plain, "this shape should be rebuilt"
+    tried = 0
+    for length in range(6):
+        for letters in itertools.product("aAb c1\n", repeat=length):
+            text = "".join(letters)
+            assert _starts(fast, text) == _starts(plain, text), text
+            tried += 1
+    assert tried == sum(7**n for n in range(6))  # every string up to 5 characters
+
+
+def test_shared_prefixes_leave_what_they_cannot_rebuild_as_it_is():
+    grouped = re.compile(r"(a)b|ac")  # a capturing group: its number would move
+    assert shared_prefixes(grouped) is grouped
+    # Each (?:\b|^) doubles the multiplied-out alternatives: 2**13 of them.
+    exploding = re.compile(r"(?:\b|^)" * 13 + "0")
+    assert shared_prefixes(exploding) is exploding
+
+
+def test_the_rules_prefilter_matches_where_the_rules_do():
+    """The rules' combined pattern, rebuilt, begins a match at the same places on every text."""
+    plain = moderation._RULES_ALTERNATION
+    fast = moderation._ANY_RULE
+    assert fast is not plain
+    matched = 0
+    for text in _texts():
+        for variant in (text, text.lower(), injection._fold_flat(text)):
+            want = _starts(plain, variant)
+            assert _starts(fast, variant) == want, variant
+            found = fast.search(variant)
+            assert (found and found.start()) == (want[0] if want else None), variant
+            matched += bool(want)
     assert matched > 50  # the corpus does exercise the rules
 
 
