@@ -202,11 +202,27 @@ async def test_parallel_sends_cannot_reserve_past_the_budget(ws, make_user, sett
     while (await recv(running[0]))["type"] != "chat.done":
         pass
     settings.CHAT_DEMO_TTFT_MS = 0
-    assert (await chat(running[0]))[0]["type"] == "chat.accepted"
+    # The other tab's "chat.started" may still be on its way (through Redis
+    # when scaled): the answer to this send is what counts.
+    await send(running[0], send_frame("hello again"))
+    assert (await own_answer(running[0]))["type"] == "chat.accepted"
+    # No reply may outlive the test's event loop.
+    while (await recv(running[0]))["type"] != "chat.done":
+        pass
+    other = next(
+        (comm, a)
+        for comm, a in zip(sockets, answers, strict=True)
+        if a["type"] == "chat.accepted" and comm is not running[0]
+    )
+    await send(other[0], {"type": "chat.stop", "message": other[1]["message"]})
+    while (await recv(other[0]))["type"] != "chat.done":
+        pass
 
 
 async def test_concurrent_reservations_are_exact(make_user, settings):
     """Many threads reserving at once never hold more than the budget allows."""
+    from django.db import connections
+
     from chat.errors import BudgetExceeded
     from chat.owners import Owner
     from chat.safety.limits import check_send_limits
@@ -222,6 +238,10 @@ async def test_concurrent_reservations_are_exact(make_user, settings):
             check_send_limits(owner=owner, client_ip="10.0.0.1")
         except BudgetExceeded:
             return False
+        finally:
+            # This thread's database connection would outlive the test (and
+            # keep PostgreSQL from dropping the test database at the end).
+            connections.close_all()
         return True
 
     results = await asyncio.gather(*[asyncio.to_thread(attempt) for _ in range(25)])
