@@ -69,12 +69,11 @@ class Batched(Generic[R]):
         return batched
 
     def _setup(self, run_batch: Callable[[list[Call]], list[Outcome]]) -> None:
-        self._run_batch = run_batch
         # Per event loop (each test has its own).
         self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
             weakref.WeakKeyDictionary()
         )
-        self._run_in_thread = database_sync_to_async(self._run_all)
+        self._run_in_thread = database_sync_to_async(run_batch)
         self.trips = 0  # trips to the database thread so far
 
     async def __call__(self, **kwargs: Any) -> R:
@@ -131,6 +130,3 @@ class Batched(Generic[R]):
                     future.cancel()
             if batch or queue.pending:
                 queue.pending = []
-
-    def _run_all(self, calls: list[Call]) -> list[Outcome]:
-        return self._run_batch(calls)
