@@ -28,8 +28,14 @@ from typing import Any, Generic, TypeVar
 from channels.db import database_sync_to_async
 
 R = TypeVar("R")
-# Calls per trip: the first of a burst get their answers while later ones wait.
-MAX_BATCH = 32
+# Calls per trip: a trip takes every call that waits, up to this many. A trip
+# costs several turns of the event loop (hand-off, wake-up, each caller's
+# resumption), and while a thousand replies stream a turn takes tens of
+# milliseconds: at 32 calls a trip the last of 1,000 sends sent together
+# waited ~30 trips, 8 s on a 2-core machine (make bench (c), docs/benchmarks.md),
+# against ~1 s when one trip takes them all. The cap only bounds how long one
+# trip holds the database thread (~1 ms a send there).
+MAX_BATCH = 1024
 
 
 Outcome = tuple[bool, Any]  # (True, value) or (False, the exception)

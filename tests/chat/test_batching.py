@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from chat.batching import MAX_BATCH, Batched, Call, Outcome
+from chat.batching import Batched, Call, Outcome
 from monitoring.logs import _context, log_context
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,10 +30,32 @@ async def test_calls_made_during_a_trip_share_the_next_one():
     rest = [asyncio.ensure_future(batched(n=n)) for n in range(1, 50)]
     release.set()
     assert await asyncio.gather(first, *rest) == [n * 10 for n in range(50)]
-    # The first alone, then the 49 that arrived meanwhile, at most MAX_BATCH a trip.
-    assert batched.trips == 1 + math.ceil(49 / MAX_BATCH)
+    # The first alone, then the 49 that arrived meanwhile, all in one trip.
+    assert batched.trips == 2
     assert [n for n, _ in seen] == list(range(50))
     assert {name for _, name in seen} != {threading.current_thread().name}
+
+
+async def test_a_trip_takes_at_most_max_batch_calls(monkeypatch):
+    monkeypatch.setattr("chat.batching.MAX_BATCH", 8)
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def run(calls: list[Call]) -> list[Outcome]:
+        if calls[0].kwargs["n"] == 0:
+            release.wait(timeout=10)
+        sizes.append(len(calls))
+        return [(True, call.kwargs["n"]) for call in calls]
+
+    batched = Batched.grouped(run)
+    first = asyncio.ensure_future(batched(n=0))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(batched(n=n)) for n in range(1, 21)]
+    release.set()
+    assert await asyncio.gather(first, *rest) == list(range(21))
+    # In arrival order: the first alone, then the 20 waiting ones 8 at a time.
+    assert sizes == [1, 8, 8, 4]
+    assert batched.trips == 1 + math.ceil(20 / 8)
 
 
 async def test_a_failing_call_fails_only_its_caller():
