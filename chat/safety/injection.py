@@ -52,7 +52,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from chat.safety.regexes import guarded
+from chat.safety.regexes import guarded, shared_prefixes
 
 __all__ = ["LIKELY_SCORE", "SUSPICIOUS_SCORE", "InjectionVerdict", "injection_score"]
 
@@ -75,13 +75,15 @@ class InjectionVerdict:
 class _Signal:
     name: str
     weight: float
-    pattern: re.Pattern[str]
+    pattern: re.Pattern[str]  # guarded
+    plain: re.Pattern[str]  # as written
 
 
 def _signal(name: str, weight: float, pattern: str, flags: int = 0) -> _Signal:
     # Every message is scanned by every signal: the guard skips positions no
     # match can begin at (chat/safety/regexes.py).
-    return _Signal(name, weight, guarded(re.compile(pattern, flags)))
+    plain = re.compile(pattern, flags)
+    return _Signal(name, weight, guarded(plain), plain)
 
 
 # --- English building blocks (matched on casefolded, accent-free text) -------
@@ -336,6 +338,13 @@ _LANGUAGE_SIGNALS: tuple[_Signal, ...] = (
     ),
 )
 
+# Whether any of them matches, in one scan of ~4 us instead of 24 of ~2 us:
+# the alternatives share their leading letters (chat/safety/regexes.py). They
+# are all compiled without flags, so one pattern can hold them.
+_ANY_LANGUAGE_SIGNAL = shared_prefixes(
+    re.compile("|".join(f"(?:{s.plain.pattern})" for s in _LANGUAGE_SIGNALS))
+)
+
 # Chat-template and transcript markers, matched on text that keeps newlines.
 _TAG_SIGNALS: tuple[_Signal, ...] = (
     _signal(
@@ -412,21 +421,25 @@ def _score(text: str, *, decode_blobs: bool) -> InjectionVerdict:
     for signal in _TAG_SIGNALS:
         if signal.pattern.search(lines):
             weights[signal.name] = signal.weight
-    for signal in _LANGUAGE_SIGNALS:
-        if signal.pattern.search(folded) or (
-            squashed != folded and signal.pattern.search(squashed)
-        ):
-            weights[signal.name] = signal.weight
+    for variant in (folded,) if squashed == folded else (folded, squashed):
+        # Most messages match no signal: one scan tells, instead of one a signal.
+        if not _ANY_LANGUAGE_SIGNAL.search(variant):
+            continue
+        for signal in _LANGUAGE_SIGNALS:
+            if signal.name not in weights and signal.pattern.search(variant):
+                weights[signal.name] = signal.weight
 
     if decode_blobs:
         _score_blobs(text, weights)
 
+    # In definition order, whatever order they were found in: the same
+    # product to the last bit, and verdicts stable across runs.
+    signals = tuple(sorted(weights, key=_signal_order))
     remaining = 1.0
-    for weight in weights.values():
-        remaining *= 1.0 - weight
+    for name in signals:
+        remaining *= 1.0 - weights[name]
     score = round(1.0 - remaining, 4)
-    # Report signals in definition order so verdicts are stable across runs.
-    return InjectionVerdict(score=score, signals=tuple(sorted(weights, key=_signal_order)))
+    return InjectionVerdict(score=score, signals=signals)
 
 
 def _score_blobs(text: str, weights: dict[str, float]) -> None:

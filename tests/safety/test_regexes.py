@@ -176,6 +176,23 @@ def test_the_rules_prefilter_matches_where_the_rules_do():
     assert matched > 50  # the corpus does exercise the rules
 
 
+def test_the_language_signals_prefilter_matches_when_a_signal_does():
+    """One scan for all language signals says "maybe" exactly when one of them matches."""
+    signals = injection._LANGUAGE_SIGNALS
+    # One pattern can hold them only if none has flags of its own.
+    assert {s.plain.flags for s in signals} == {re.UNICODE}
+    fast = injection._ANY_LANGUAGE_SIGNAL
+    assert fast.pattern != "|".join(f"(?:{s.plain.pattern})" for s in signals)  # rebuilt
+    matched = 0
+    for text in _texts():
+        folded = injection._fold_flat(text)
+        for variant in (text.lower(), folded, injection._squash(folded)):
+            want = any(s.plain.search(variant) for s in signals)
+            assert bool(fast.search(variant)) == want, variant
+            matched += want
+    assert matched > 20  # the corpus does exercise the signals
+
+
 def test_the_flat_fold_is_the_fold_with_whitespace_runs_collapsed():
     odd_spaces = "a\u00a0b\u2003c\u3000d\x1ce\u200bf \t\n g\u2028h"
     for text in [
