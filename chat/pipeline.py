@@ -153,19 +153,57 @@ def _ready(
     return accepted.with_reservation(reservation), _prepare(accepted, content)
 
 
+def _store_together(
+    calls: list[Call], indexes: list[int], outcomes: list[Outcome | None]
+) -> dict[int, Accepted]:
+    """Store these sends in one transaction; return what was stored, or nothing.
+
+    A send that fails gets its outcome here. A lone send is stored as it
+    always was, in its own transaction.
+    """
+    stored: dict[int, Accepted] = {}
+    try:
+        with transaction.atomic() if len(indexes) > 1 else contextlib.nullcontext():
+            for i in indexes:
+                ok, value = calls[i].run(_store_send, **calls[i].kwargs)
+                if ok:
+                    stored[i] = value
+                    continue
+                outcomes[i] = (False, value)
+                if isinstance(value, DatabaseError):
+                    # The transaction may be aborted (PostgreSQL then turns
+                    # the COMMIT into a silent ROLLBACK): fail them all rather
+                    # than answer sends that were not stored.
+                    raise value
+    except Exception as exc:  # nothing of these is stored
+        for i in indexes:
+            if outcomes[i] is None:  # stored, or never tried
+                outcomes[i] = (False, exc)
+        return {}
+    return stored
+
+
+# Sends stored per transaction. Each send is a savepoint, and on PostgreSQL
+# a transaction with more than 64 subtransactions overflows every backend's
+# subtransaction cache, which slows the visibility checks of every other
+# session while it is open (a send may take two savepoints).
+SENDS_PER_COMMIT = 32
+
+
 def _admit_all(calls: list[Call]) -> list[Outcome]:
-    """Admit the sends of one trip: limits, then one transaction storing them all, then history.
+    """Admit the sends of one trip: limits, then transactions storing them, then history.
 
     Phase by phase, each send in its caller's context with its own outcome:
     1. limits, blocks and budget (the cache, which may be Redis: no
        transaction is open across it);
-    2. every admitted send stored in one transaction, each in its own
-       savepoint: the batch costs one commit, the write-ahead log's write and
-       (on PostgreSQL) its fsync, instead of one a message;
-    3. after the commit, what each reply needs (history, response cache).
-    A send that is not stored gets its budget reservation back. If the commit
+    2. the admitted sends stored SENDS_PER_COMMIT to a transaction, each in
+       its own savepoint: they share a commit, the write-ahead log's write
+       and (on PostgreSQL) its fsync, instead of one a message;
+    3. after the commits, what each reply needs (history, response cache).
+    A send that is not stored gets its budget reservation back. If a commit
     fails, or a send fails with a database error (the transaction may be
-    broken), none of the batch is stored and every send gets the error.
+    broken), none of that transaction's sends is stored and each gets the
+    error.
     """
     outcomes: list[Outcome | None] = [None] * len(calls)
     reservations: dict[int, limits.Reservation] = {}
@@ -180,27 +218,9 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
         else:
             outcomes[i] = (False, value)
     stored: dict[int, Accepted] = {}
-    # A lone send is stored as it always was, in its own transaction.
-    together = len(reservations) > 1
-    if reservations:
-        try:
-            with transaction.atomic() if together else contextlib.nullcontext():
-                for i in reservations:
-                    ok, value = calls[i].run(_store_send, **calls[i].kwargs)
-                    if ok:
-                        stored[i] = value
-                        continue
-                    outcomes[i] = (False, value)
-                    if isinstance(value, DatabaseError):
-                        # The transaction may be aborted (PostgreSQL then turns
-                        # the COMMIT into a silent ROLLBACK): fail the batch
-                        # rather than answer sends that were not stored.
-                        raise value
-        except Exception as exc:  # nothing of the batch is stored
-            for i in reservations:
-                if outcomes[i] is None:  # stored, or never tried
-                    outcomes[i] = (False, exc)
-            stored = {}
+    admitted = list(reservations)
+    for start in range(0, len(admitted), SENDS_PER_COMMIT):
+        stored.update(_store_together(calls, admitted[start : start + SENDS_PER_COMMIT], outcomes))
     for i, reservation in reservations.items():
         if i in stored:
             ready = calls[i].run(

@@ -76,6 +76,47 @@ def test_a_batch_is_stored_with_one_commit(owners, commits):
         assert prepared.history[-1].content.startswith("hi from")
 
 
+def test_a_big_batch_commits_every_sends_per_commit_sends(owners, commits, monkeypatch):
+    monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    names = ("alice", "bob", "carol", "mallory", "alice")
+    outcomes = pipeline._admit_all([_call(owners[name], f"hi {i}") for i, name in enumerate(names)])
+    assert [ok for ok, _ in outcomes] == [True] * 5
+    assert commits == ["default"] * 3  # 2 + 2 + 1
+    assert sorted(
+        Message.objects.filter(role=Message.Role.USER).values_list("content", flat=True)
+    ) == [f"hi {i}" for i in range(5)]
+
+
+def test_a_failed_commit_fails_only_its_own_sends(owners, settings, monkeypatch):
+    monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    settings.CHAT_DAILY_BUDGET_USD = "0.02"
+    settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills a day
+    wrapper = type(connections["default"])
+    real = wrapper.commit
+    seen: list[int] = []
+
+    def second_fails(self: Any) -> None:
+        seen.append(1)
+        if len(seen) == 2:
+            raise OperationalError("database or disk is full")
+        real(self)
+
+    monkeypatch.setattr(wrapper, "commit", second_fails)
+    names = ("alice", "bob", "carol", "mallory")
+    outcomes = pipeline._admit_all([_call(owners[name], name) for name in names])
+    assert [ok for ok, _ in outcomes] == [True, True, False, False]
+    assert all(isinstance(err, OperationalError) for _, err in outcomes[2:])
+    assert sorted(
+        Message.objects.filter(role=Message.Role.USER).values_list("content", flat=True)
+    ) == ["alice", "bob"]
+    monkeypatch.setattr(wrapper, "commit", real)
+    # The failed sends got their reservations back; the stored ones kept theirs.
+    for name in ("carol", "mallory"):
+        limits.check_send_limits(owner=owners[name], client_ip="10.0.0.9")
+    with pytest.raises(BudgetExceeded):
+        limits.check_send_limits(owner=owners["alice"], client_ip="10.0.0.9")
+
+
 def test_a_refused_send_in_a_batch_fails_alone_and_gets_its_budget_back(owners, settings):
     settings.CHAT_DAILY_BUDGET_USD = "0.02"
     settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills mallory's day
