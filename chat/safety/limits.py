@@ -71,6 +71,16 @@ def _counters() -> BaseCache:
     return caches[getattr(settings, "RATELIMIT_USE_CACHE", "default")]
 
 
+def counters_together() -> contextlib.AbstractContextManager[None]:
+    """Group this thread's counter writes in the block into one commit, where the store can.
+
+    The embedded mode's SQLite cache commits every write on its own; a batch
+    of sends checked together shares one commit instead. Redis needs none.
+    """
+    together = getattr(_counters(), "together", None)
+    return together() if together is not None else contextlib.nullcontext()
+
+
 def _add_and_incr(key: str, delta: int, *, timeout: float) -> int | None:
     """Atomically add `delta` to a counter (created at 0); None when the store is down."""
     cache = _counters()

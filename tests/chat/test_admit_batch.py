@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -115,6 +117,65 @@ def test_a_failed_commit_fails_only_its_own_sends(owners, settings, monkeypatch)
         limits.check_send_limits(owner=owners[name], client_ip="10.0.0.9")
     with pytest.raises(BudgetExceeded):
         limits.check_send_limits(owner=owners["alice"], client_ip="10.0.0.9")
+
+
+@pytest.fixture
+def sqlite_cache():
+    from django.core.cache import caches
+
+    from config.sqlite_cache import SQLiteCache
+
+    cache = caches["default"]
+    if not isinstance(cache, SQLiteCache):
+        pytest.skip("the scaled mode counts in Redis, which needs no shared commit")
+    return cache
+
+
+def test_a_batch_counts_its_limits_in_one_cache_transaction(owners, sqlite_cache):
+    statements: list[str] = []
+    db = sqlite_cache._db()  # this thread's connection: the one _admit_all uses
+    db.set_trace_callback(statements.append)
+    try:
+        outcomes = pipeline._admit_all([_call(owners[n]) for n in ("alice", "bob", "carol")])
+    finally:
+        db.set_trace_callback(None)
+    assert [ok for ok, _ in outcomes] == [True, True, True]
+    # django-ratelimit's counters: one for each send.
+    writes = [i for i, sql in enumerate(statements) if ":rl:" in sql and "SELECT" not in sql]
+    assert len(writes) == 3
+    begin, commit = statements.index("BEGIN IMMEDIATE"), statements.index("COMMIT")
+    assert begin < min(writes) and max(writes) < commit
+    assert statements.count("BEGIN IMMEDIATE") == 1
+
+
+def test_a_failed_counter_commit_fails_those_sends_and_counts_nothing(
+    owners, settings, sqlite_cache, monkeypatch
+):
+    import sqlite3
+
+    from config.sqlite_cache import SQLiteCache
+
+    settings.CHAT_DAILY_BUDGET_USD = "0.02"
+    settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills a day
+    real = SQLiteCache.together
+
+    @contextlib.contextmanager
+    def commit_fails(self: SQLiteCache) -> Iterator[None]:
+        with real(self):
+            yield
+            raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(SQLiteCache, "together", commit_fails)
+    outcomes = pipeline._admit_all([_call(owners["alice"]), _call(owners["bob"])])
+    monkeypatch.setattr(SQLiteCache, "together", real)
+    assert [ok for ok, _ in outcomes] == [False, False]
+    assert all(isinstance(err, sqlite3.OperationalError) for _, err in outcomes)
+    assert not Message.objects.exists()
+    # Nothing was counted: each can still reserve today's budget once.
+    for name in ("alice", "bob"):
+        limits.check_send_limits(owner=owners[name], client_ip="10.0.0.9")
+        with pytest.raises(BudgetExceeded):
+            limits.check_send_limits(owner=owners[name], client_ip="10.0.0.9")
 
 
 def test_a_refused_send_in_a_batch_fails_alone_and_gets_its_budget_back(owners, settings):

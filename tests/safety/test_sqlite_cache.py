@@ -52,3 +52,39 @@ def test_the_wal_is_checkpointed_by_the_thread_not_by_commits(tmp_path):
     assert wal.stat().st_size > 1000 * 4096
     busy, log, done = sqlite_wal.checkpoint(str(tmp_path / "cache.sqlite3"))
     assert busy == 0 and log > 1000 and done == log
+
+
+def _seen_elsewhere(cache: SQLiteCache, key: str) -> object:
+    """Read `key` on another thread: its own connection, outside this one's transaction."""
+    seen: list[object] = []
+    reader = threading.Thread(target=lambda: seen.append(cache.get(key)))
+    reader.start()
+    reader.join()
+    return seen[0]
+
+
+def test_writes_together_are_one_transaction(tmp_path):
+    cache = make(tmp_path)
+    with cache.together():
+        cache.add("n", 0, timeout=60)
+        assert cache.incr("n", 5) == 5
+        cache.set_many({"a": 1, "b": 2}, timeout=60)  # joins the block
+        with cache.together():  # so does a nested block
+            cache.set("c", 3, timeout=60)
+        assert _seen_elsewhere(cache, "n") is None  # nothing committed yet
+    assert [_seen_elsewhere(cache, k) for k in ("n", "a", "b", "c")] == [5, 1, 2, 3]
+
+
+def test_an_error_in_a_block_writes_nothing_of_it(tmp_path):
+    cache = make(tmp_path)
+    cache.set("kept", 1, timeout=60)
+    try:
+        with cache.together():
+            cache.incr("kept", 10)
+            cache.set("new", 2, timeout=60)
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert (cache.get("kept"), cache.get("new")) == (1, None)
+    cache.set("after", 3, timeout=60)  # the connection is usable again, autocommitting
+    assert _seen_elsewhere(cache, "after") == 3
