@@ -16,6 +16,9 @@ class Conversation(models.Model):
         blank=True,
         on_delete=models.CASCADE,
         related_name="conversations",
+        # conv_user_recent begins with user: an index of its own would only
+        # be one more to update for every new conversation.
+        db_index=False,
     )
     # Set for anonymous visitors only: the Django session that owns the thread.
     session_key = models.CharField(max_length=64, blank=True, default="", db_index=False)
@@ -57,7 +60,12 @@ class Message(models.Model):
         ERROR = "error", "Failed"
 
     conversation = models.ForeignKey(
-        Conversation, on_delete=models.CASCADE, related_name="messages"
+        Conversation,
+        on_delete=models.CASCADE,
+        related_name="messages",
+        # msg_history begins with conversation: no index of its own (two
+        # fewer to update a message sent).
+        db_index=False,
     )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True, default="")
