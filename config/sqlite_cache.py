@@ -63,13 +63,20 @@ class SQLiteCache(BaseCache):
         write and its locks) costs several times the write itself. Other
         connections wait for the block's end to write, so keep it short. An
         exception in the block rolls its writes back; a nested block joins
-        the outer one.
+        the outer one. If the transaction cannot begin (the file locked past
+        the busy timeout, or not writable), the writes go one by one, as
+        without the block, each meeting its caller's handling of a store
+        that is down.
         """
         db = self._db()
         if db.in_transaction:
             yield
             return
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            yield
+            return
         try:
             yield
         except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 from config.sqlite_cache import SQLiteCache
@@ -88,3 +89,22 @@ def test_an_error_in_a_block_writes_nothing_of_it(tmp_path):
     assert (cache.get("kept"), cache.get("new")) == (1, None)
     cache.set("after", 3, timeout=60)  # the connection is usable again, autocommitting
     assert _seen_elsewhere(cache, "after") == 3
+
+
+def test_a_block_that_cannot_begin_writes_one_by_one(tmp_path, monkeypatch):
+    """A locked or unwritable file: each write meets its own error handling, as without a block."""
+    cache = make(tmp_path)
+    real = cache._db()
+
+    class Locked:
+        in_transaction = False
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql == "BEGIN IMMEDIATE":
+                raise sqlite3.OperationalError("database is locked")
+            return real.execute(sql, *args)
+
+    monkeypatch.setattr(cache, "_db", Locked)
+    with cache.together():
+        cache.set("a", 1, timeout=60)
+        assert _seen_elsewhere(make(tmp_path), "a") == 1  # committed at once
