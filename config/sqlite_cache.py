@@ -56,7 +56,7 @@ class SQLiteCache(BaseCache):
         return conn
 
     @contextlib.contextmanager
-    def together(self) -> Iterator[None]:
+    def together(self, *, strict: bool = False) -> Iterator[None]:
         """Make this thread's cache writes in the block one transaction: one commit.
 
         Every write is otherwise its own transaction; a commit (the WAL's
@@ -64,9 +64,9 @@ class SQLiteCache(BaseCache):
         connections wait for the block's end to write, so keep it short. An
         exception in the block rolls its writes back; a nested block joins
         the outer one. If the transaction cannot begin (the file locked past
-        the busy timeout, or not writable), the writes go one by one, as
-        without the block, each meeting its caller's handling of a store
-        that is down.
+        the busy timeout, or not writable), `strict` raises that error;
+        otherwise the writes go one by one, as without the block, each
+        meeting its caller's handling of a store that is down.
         """
         db = self._db()
         if db.in_transaction:
@@ -75,6 +75,8 @@ class SQLiteCache(BaseCache):
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error:
+            if strict:
+                raise
             yield
             return
         try:
@@ -160,7 +162,7 @@ class SQLiteCache(BaseCache):
             (self.make_and_validate_key(key, version=version), self._encode(value), expires)
             for key, value in data.items()
         ]
-        with self.together():
+        with self.together(strict=True):  # not a thousand commits instead
             self._db().executemany(
                 "INSERT OR REPLACE INTO cache (key, value, expires) VALUES (?, ?, ?)", rows
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 
+import pytest
+
 from config.sqlite_cache import SQLiteCache
 
 
@@ -108,3 +110,7 @@ def test_a_block_that_cannot_begin_writes_one_by_one(tmp_path, monkeypatch):
     with cache.together():
         cache.set("a", 1, timeout=60)
         assert _seen_elsewhere(make(tmp_path), "a") == 1  # committed at once
+    # set_many does not fall back to a commit a key: it fails as a whole.
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        cache.set_many({"b": 2, "c": 3}, timeout=60)
+    assert _seen_elsewhere(make(tmp_path), "b") is None
