@@ -36,6 +36,8 @@ R = TypeVar("R")
 # against ~1 s when one trip takes them all. The cap only bounds how long one
 # trip holds the database thread (~1 ms a send there).
 MAX_BATCH = 1024
+# How long a trip may wait for a burst's calls that keep joining turn after turn.
+SETTLE_S = 0.25
 
 
 Outcome = tuple[bool, Any]  # (True, value) or (False, the exception)
@@ -107,10 +109,30 @@ class Batched(Generic[R]):
             queue.drainer = loop.create_task(self._drain(queue))
         return await future
 
+    @staticmethod
+    async def _settle(queue: _Queue) -> None:
+        """Wait while calls still join turn after turn (a burst being read), up to SETTLE_S.
+
+        A trip that starts while a burst's calls are still arriving leaves
+        the rest to the next trip, which then runs while the first trip's
+        replies stream, when every trip is slow (docs/benchmarks.md). Once
+        two turns of the loop pass with no new call, the trip goes; a lone
+        call's trip never waits.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_S
+        seen = len(queue.pending)
+        quiet = 0
+        while quiet < 2 and seen < MAX_BATCH and loop.time() < deadline:
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if len(queue.pending) == seen else 0
+            seen = len(queue.pending)
+
     async def _drain(self, queue: _Queue) -> None:
         batch: list[tuple[Call, asyncio.Future[Any]]] = []
         try:
             while queue.pending:
+                await self._settle(queue)
                 batch = queue.pending[:MAX_BATCH]
                 del queue.pending[:MAX_BATCH]
                 self.trips += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,60 @@ async def test_calls_made_during_a_trip_share_the_next_one():
     assert batched.trips == 2
     assert [n for n, _ in seen] == list(range(50))
     assert {name for _, name in seen} != {threading.current_thread().name}
+
+
+async def _drainer_started(batched: Batched[Any]) -> None:
+    """Return once the first trip is back and the next one is about to gather its calls.
+
+    Turn by turn, with no task of its own in between, so the calls that
+    follow keep arriving one a turn.
+    """
+    loop = asyncio.get_running_loop()
+    queue = batched._queues[loop]
+    deadline = loop.time() + 10
+    while queue.drainer is None:
+        assert loop.time() < deadline, "the first trip never came back"
+        await asyncio.sleep(0)
+
+
+async def _sizes_of_a_burst_read_over_many_turns() -> list[int]:
+    """40 calls, one each turn of the loop, as a burst being read arrives; return the trips' sizes.
+
+    The first call's trip is held until 5 more have arrived; the others come
+    once it is back. The second trip is held until the 40th has arrived.
+    """
+    first, second = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def run(calls: list[Call]) -> list[Outcome]:
+        sizes.append(len(calls))
+        if len(sizes) <= 2:
+            (first if len(sizes) == 1 else second).wait(timeout=10)
+        return [(True, call.kwargs["n"]) for call in calls]
+
+    batched = Batched.grouped(run)
+    calls = []
+    for n in range(40):
+        calls.append(asyncio.ensure_future(batched(n=n)))
+        await asyncio.sleep(0)
+        if n == 5:
+            first.set()
+            await _drainer_started(batched)
+    second.set()
+    assert await asyncio.gather(*calls) == list(range(40))
+    return sizes
+
+
+async def test_calls_still_arriving_turn_after_turn_join_the_same_trip():
+    # The second trip waited until a turn passed with no new call.
+    assert await _sizes_of_a_burst_read_over_many_turns() == [1, 39]
+
+
+async def test_a_trip_waits_for_arriving_calls_at_most_settle_s(monkeypatch):
+    monkeypatch.setattr("chat.batching.SETTLE_S", 0.0)
+    sizes = await _sizes_of_a_burst_read_over_many_turns()
+    # Without waiting, the second trip took what had arrived and left the rest.
+    assert len(sizes) == 3 and sizes[0] == 1 and sizes[1] < 39 and sum(sizes) == 40
 
 
 async def test_a_trip_takes_at_most_max_batch_calls(monkeypatch):
