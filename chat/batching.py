@@ -66,17 +66,21 @@ class _Queue:
 
 
 class Batched(Generic[R]):
-    def __init__(self, fn: Callable[..., R]) -> None:
-        self._setup(lambda calls: [call.run(fn, **call.kwargs) for call in calls])
+    def __init__(self, fn: Callable[..., R], *, settle: bool = False) -> None:
+        self._setup(lambda calls: [call.run(fn, **call.kwargs) for call in calls], settle)
 
     @classmethod
-    def grouped(cls, run: Callable[[list[Call]], list[Outcome]]) -> Batched[Any]:
+    def grouped(
+        cls, run: Callable[[list[Call]], list[Outcome]], *, settle: bool = False
+    ) -> Batched[Any]:
         """Batch calls for `run`, which gets them all and returns an outcome each, in order."""
         batched: Batched[Any] = cls.__new__(cls)
-        batched._setup(run)
+        batched._setup(run, settle)
         return batched
 
-    def _setup(self, run_batch: Callable[[list[Call]], list[Outcome]]) -> None:
+    def _setup(self, run_batch: Callable[[list[Call]], list[Outcome]], settle: bool) -> None:
+        # With settle, a trip waits while a burst's calls still arrive (_settle).
+        self._settles = settle
         # Per event loop (each test has its own).
         self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
             weakref.WeakKeyDictionary()
@@ -132,7 +136,8 @@ class Batched(Generic[R]):
         batch: list[tuple[Call, asyncio.Future[Any]]] = []
         try:
             while queue.pending:
-                await self._settle(queue)
+                if self._settles:
+                    await self._settle(queue)
                 batch = queue.pending[:MAX_BATCH]
                 del queue.pending[:MAX_BATCH]
                 self.trips += 1

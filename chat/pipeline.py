@@ -249,7 +249,9 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
 
 
 # Messages that arrive together share trips to the database thread and a commit.
-_admit_batched = Batched.grouped(_admit_all)
+# A burst of sends goes in one trip (Batched._settle): a trip for its tail
+# would run while the first replies stream, when trips are slow.
+_admit_batched = Batched.grouped(_admit_all, settle=True)
 
 
 def accepted_frame(accepted: Accepted) -> dict[str, Any]:

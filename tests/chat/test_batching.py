@@ -51,7 +51,7 @@ async def _drainer_started(batched: Batched[Any]) -> None:
         await asyncio.sleep(0)
 
 
-async def _sizes_of_a_burst_read_over_many_turns() -> list[int]:
+async def _sizes_of_a_burst_read_over_many_turns(*, settle: bool = True) -> list[int]:
     """40 calls, one each turn of the loop, as a burst being read arrives; return the trips' sizes.
 
     The first call's trip is held until 5 more have arrived; the others come
@@ -66,7 +66,7 @@ async def _sizes_of_a_burst_read_over_many_turns() -> list[int]:
             (first if len(sizes) == 1 else second).wait(timeout=10)
         return [(True, call.kwargs["n"]) for call in calls]
 
-    batched = Batched.grouped(run)
+    batched = Batched.grouped(run, settle=settle)
     calls = []
     for n in range(40):
         calls.append(asyncio.ensure_future(batched(n=n)))
@@ -89,6 +89,12 @@ async def test_a_trip_waits_for_arriving_calls_at_most_settle_s(monkeypatch):
     sizes = await _sizes_of_a_burst_read_over_many_turns()
     # Without waiting, the second trip took what had arrived and left the rest.
     assert len(sizes) == 3 and sizes[0] == 1 and sizes[1] < 39 and sum(sizes) == 40
+
+
+async def test_only_a_settling_batch_waits_for_arriving_calls():
+    # The finished replies' batch does not settle: chat.done waits for nothing.
+    sizes = await _sizes_of_a_burst_read_over_many_turns(settle=False)
+    assert len(sizes) == 3 and sizes[1] < 39
 
 
 async def test_a_trip_takes_at_most_max_batch_calls(monkeypatch):
