@@ -220,3 +220,11 @@ async def test_a_grouped_function_that_loses_an_outcome_fails_its_whole_batch():
     results = await _one_then_more(Batched.grouped(run), release, 3)
     assert results[0] == "alone"
     assert all(isinstance(r, RuntimeError) and "3 calls" in str(r) for r in results[1:])
+
+
+def test_the_sends_batch_settles_and_the_finished_replies_batch_does_not():
+    from chat import pipeline
+
+    # A burst of sends goes in one trip; chat.done waits for no trickle.
+    assert pipeline._admit_batched._settles is True
+    assert pipeline._finish_batched._settles is False
