@@ -24,7 +24,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 
 from chat import response_cache, selectors, services
@@ -153,6 +153,51 @@ def _ready(
     return accepted.with_reservation(reservation), _prepare(accepted, content)
 
 
+def _store_new_together(
+    calls: list[Call],
+    indexes: list[int],
+    stored: dict[int, Accepted],
+    outcomes: list[Outcome | None],
+) -> None:
+    """Store the batch's plain new messages with a few statements for them all.
+
+    Edits and regenerations are left to _store_send, and so is every send of
+    a lot that holds a retried client_msg_id: the lot is undone (its own
+    savepoint) and each send is stored on its own, which answers the retry.
+    """
+    plain = [
+        i
+        for i in indexes
+        if calls[i].kwargs["request"].edit_id is None
+        and calls[i].kwargs["request"].regenerate_id is None
+    ]
+    if len(plain) < 2:
+        return
+    sends = []
+    for i in plain:
+        request, injection = calls[i].kwargs["request"], calls[i].kwargs["injection"]
+        sends.append(
+            services.NewMessage(
+                owner=calls[i].kwargs["owner"],
+                content=calls[i].kwargs["content"],
+                client_msg_id=request.client_msg_id,
+                conversation_id=request.conversation_id,
+                injection_score=injection.score if injection else None,
+                injection_signals=list(injection.signals) if injection else [],
+            )
+        )
+    try:
+        with transaction.atomic():
+            results = services.messages_accept(sends=sends, version_for=version_for)
+    except IntegrityError:
+        return
+    for i, result in zip(plain, results, strict=True):
+        if isinstance(result, Accepted):
+            stored[i] = result
+        else:
+            outcomes[i] = (False, result)
+
+
 def _store_together(
     calls: list[Call], indexes: list[int], outcomes: list[Outcome | None]
 ) -> dict[int, Accepted]:
@@ -164,7 +209,11 @@ def _store_together(
     stored: dict[int, Accepted] = {}
     try:
         with transaction.atomic() if len(indexes) > 1 else contextlib.nullcontext():
+            if len(indexes) > 1:
+                _store_new_together(calls, indexes, stored, outcomes)
             for i in indexes:
+                if i in stored or outcomes[i] is not None:
+                    continue
                 ok, value = calls[i].run(_store_send, **calls[i].kwargs)
                 if ok:
                     stored[i] = value
@@ -197,9 +246,12 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
     1. limits, blocks and budget (the cache, which may be Redis: no
        database transaction is open across it; the SQLite cache commits the
        counters of SENDS_PER_COMMIT sends at once);
-    2. the admitted sends stored SENDS_PER_COMMIT to a transaction, each in
-       its own savepoint: they share a commit, the write-ahead log's write
-       and (on PostgreSQL) its fsync, instead of one a message;
+    2. the admitted sends stored SENDS_PER_COMMIT to a transaction: they
+       share a commit, the write-ahead log's write and (on PostgreSQL) its
+       fsync, instead of one a message. New messages share their INSERTs too
+       (services.messages_accept: three statements for the lot); edits,
+       regenerations and a lot with a retried id go one by one, each in its
+       own savepoint;
     3. after the commits, what each reply needs (history, response cache).
     A send that is not stored gets its budget reservation back. If a commit
     fails, or a send fails with a database error (the transaction may be

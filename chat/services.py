@@ -133,6 +133,100 @@ def message_accept(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """One send for messages_accept: a new message, in a new or an existing conversation."""
+
+    owner: Owner
+    content: str
+    client_msg_id: uuid.UUID
+    conversation_id: int | None
+    injection_score: float | None = None
+    injection_signals: list[str] = dataclasses.field(default_factory=list)
+
+
+def messages_accept(
+    *, sends: list[NewMessage], version_for: Callable[..., ActiveVersion]
+) -> list[Accepted | NotFound]:
+    """Store many sends with one statement for each kind of row; run it in a transaction.
+
+    Each send gets the rows message_accept would write: a conversation when
+    it has none, the user message, a pending reply. A send to a conversation
+    that is not its owner's gets NotFound in its place and writes nothing.
+    A client_msg_id stored before raises IntegrityError: the caller undoes
+    the lot (a savepoint) and stores each with message_accept, which answers
+    a retry with the first send's ids. Three statements for 32 sends instead
+    of three each: a burst of new chats is stored several times faster.
+    """
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("messages_accept writes several statements: run it in a transaction")
+    refused: dict[int, NotFound] = {}
+    conversation_of: dict[int, int] = {}
+    for i, send in enumerate(sends):
+        if send.conversation_id is None:
+            continue
+        try:
+            _conversation_touch(owner=send.owner, conversation_id=send.conversation_id)
+        except NotFound as exc:
+            refused[i] = exc
+        else:
+            conversation_of[i] = send.conversation_id
+    fresh = [i for i, send in enumerate(sends) if send.conversation_id is None]
+    rows = []
+    for i in fresh:
+        user_id = sends[i].owner.user_id
+        rows.append(
+            {
+                "user_id": user_id,
+                "session_key": sends[i].owner.session_key if user_id is None else "",
+            }
+        )
+    created = _insert_conversation.run_many(rows)
+    conversation_of.update(zip(fresh, created, strict=True))
+    stored = sorted(conversation_of)
+    user_ids = _insert_message.run_many(
+        [
+            {
+                "conversation_id": conversation_of[i],
+                "role": Message.Role.USER,
+                "content": sends[i].content,
+                "owner_key": sends[i].owner.key,
+                "client_msg_id": sends[i].client_msg_id,
+                "injection_score": sends[i].injection_score,
+                "injection_signals": sends[i].injection_signals,
+            }
+            for i in stored
+        ]
+    )
+    versions = {i: version_for(conversation_id=conversation_of[i]) for i in stored}
+    reply_ids = _insert_message.run_many(
+        [
+            {
+                "conversation_id": conversation_of[i],
+                "role": Message.Role.ASSISTANT,
+                "status": Message.Status.PENDING,
+                "reply_to_id": user_id,
+                "model": versions[i].model,
+                "version_id": versions[i].version_id,
+            }
+            for i, user_id in zip(stored, user_ids, strict=True)
+        ]
+    )
+    if created:
+        transaction.on_commit(lambda: _titles_later(created), robust=True)
+    accepted = {
+        i: _accepted(
+            owner=sends[i].owner,
+            client_msg_id=sends[i].client_msg_id,
+            ids=(conversation_of[i], user_id, reply_id),
+            version=versions[i],
+            created=sends[i].conversation_id is None,
+        )
+        for i, user_id, reply_id in zip(stored, user_ids, reply_ids, strict=True)
+    }
+    return [accepted[i] if i in accepted else refused[i] for i in range(len(sends))]
+
+
 _insert_conversation = sql.Insert(Conversation)
 _insert_message = sql.Insert(Message)
 _touch_user_conversation = sql.Update(
@@ -292,9 +386,13 @@ _untitled_lock = threading.Lock()
 
 
 def _title_later(conversation_id: int) -> None:
+    _titles_later([conversation_id])
+
+
+def _titles_later(conversation_ids: list[int]) -> None:
     with _untitled_lock:
-        _untitled.append(conversation_id)
-        first = len(_untitled) == 1
+        first = not _untitled
+        _untitled.extend(conversation_ids)
     if first:
         _enqueuer.submit(_titles_enqueue)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connections, models
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
@@ -29,7 +29,7 @@ def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
 
 
 class Insert:
-    """INSERT one row with every concrete field; absent values take the field's default."""
+    """INSERT rows with every concrete field; absent values take the field's default."""
 
     def __init__(self, model: type[models.Model]) -> None:
         self.model = model
@@ -42,39 +42,71 @@ class Insert:
             for i, f in enumerate(self.fields)
             if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False)
         ]
-        # Per vendor: the SQL and every field's default, already converted.
-        self._plans: dict[str, tuple[str, list[Any]]] = {}
+        # Per vendor: the statement around its rows, and every field's default
+        # already converted.
+        self._plans: dict[str, tuple[str, str, str, list[Any]]] = {}
 
-    def _plan(self, conn: BaseDatabaseWrapper) -> tuple[str, list[Any]]:
+    def _plan(self, conn: BaseDatabaseWrapper) -> tuple[str, str, str, list[Any]]:
+        plan = self._plans.get(conn.vendor)
+        if plan is not None:
+            return plan
         meta = self.model._meta
         assert meta.pk is not None
         q = conn.ops.quote_name
         columns = ", ".join(q(f.column) for f in self.fields)
-        marks = ", ".join(["%s"] * len(self.fields))
-        sql = (
-            # Names from the model's metadata; every value is a parameter.
-            f"INSERT INTO {q(meta.db_table)} ({columns}) VALUES ({marks}) "  # noqa: S608
-            f"RETURNING {q(meta.pk.column)}"
-        )
+        # Names from the model's metadata; every value is a parameter.
+        head = f"INSERT INTO {q(meta.db_table)} ({columns}) VALUES "  # noqa: S608
+        row = "(" + ", ".join(["%s"] * len(self.fields)) + ")"
+        returning = f" RETURNING {q(meta.pk.column)}"
         defaults = [f.get_db_prep_save(f.get_default(), conn) for f in self.fields]
-        return self._plans.setdefault(conn.vendor, (sql, defaults))
+        return self._plans.setdefault(conn.vendor, (head, row, returning, defaults))
+
+    def _params(
+        self, conn: BaseDatabaseWrapper, rows: Sequence[dict[str, Any]], defaults: list[Any]
+    ) -> list[Any]:
+        """Every row's values in column order, converted as the ORM would, one list."""
+        now = timezone.now()
+        stamps = [(i, self.fields[i].get_db_prep_save(now, conn)) for i in self._now]
+        fields, index = self.fields, self._index
+        params: list[Any] = []
+        for values in rows:
+            row = list(defaults)
+            for i, stamp in stamps:
+                row[i] = stamp
+            for name, value in values.items():
+                i = index[name]
+                row[i] = fields[i].get_db_prep_save(value, conn)
+            params += row
+        return params
 
     def run(self, **values: Any) -> int:
         """Insert the row and return its primary key."""
         conn = connections[DEFAULT_DB_ALIAS]
-        sql, defaults = self._plans.get(conn.vendor) or self._plan(conn)
-        params = list(defaults)
-        fields = self.fields
-        if self._now:
-            now = timezone.now()
-            for i in self._now:
-                params[i] = fields[i].get_db_prep_save(now, conn)
-        for name, value in values.items():
-            i = self._index[name]
-            params[i] = fields[i].get_db_prep_save(value, conn)
+        head, row, returning, defaults = self._plan(conn)
         with conn.cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(head + row + returning, self._params(conn, [values], defaults))
             return int(cursor.fetchone()[0])
+
+    def run_many(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Insert the rows with one statement; return their primary keys, in row order.
+
+        SQLite and PostgreSQL return a multi-row INSERT's rows in the order
+        of its VALUES (Django's bulk_create relies on it as well); a count
+        that does not match raises rather than pair ids with the wrong rows.
+        """
+        if not rows:
+            return []
+        conn = connections[DEFAULT_DB_ALIAS]
+        head, row, returning, defaults = self._plan(conn)
+        with conn.cursor() as cursor:
+            cursor.execute(
+                head + ", ".join([row] * len(rows)) + returning,
+                self._params(conn, rows, defaults),
+            )
+            ids = [int(found[0]) for found in cursor.fetchall()]
+        if len(ids) != len(rows):
+            raise DatabaseError(f"{len(ids)} ids came back for {len(rows)} rows")
+        return ids
 
 
 class Update:

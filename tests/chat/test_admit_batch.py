@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.db import OperationalError, connections
+from django.test.utils import CaptureQueriesContext
 
 from chat import pipeline
 from chat.batching import Call
 from chat.errors import BudgetExceeded, NotFound
 from chat.models import Message
 from chat.owners import Owner
-from chat.safety import limits
+from chat.safety import InjectionVerdict, limits
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -243,23 +245,98 @@ def test_a_failed_commit_stores_nothing_and_fails_every_send(owners, settings, m
         limits.check_send_limits(owner=owners[name], client_ip="10.0.0.9")
 
 
-def test_a_database_error_in_one_send_fails_the_whole_batch(owners, monkeypatch):
+@pytest.mark.parametrize("lot", ["together", "one by one"])
+def test_a_database_error_in_one_send_fails_the_whole_batch(owners, lot):
     """On PostgreSQL such an error aborts the transaction: no send may be answered as stored."""
-    from chat import services
+    retried = uuid.uuid4()
+    if lot == "one by one":  # a retried id sends the lot down the one-by-one path
+        [(ok, _)] = pipeline._admit_all([_call(owners["alice"], client_msg_id=retried)])
+        assert ok
 
-    real = services.message_accept
-
-    def accept(**kwargs: Any) -> Any:
-        if kwargs["content"] == "poison":
+    def poison(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if params and "poison" in params:
             raise OperationalError("canceling statement due to statement timeout")
-        return real(**kwargs)
+        return execute(sql, params, many, context)
 
-    monkeypatch.setattr(services, "message_accept", accept)
-    calls = [_call(owners["alice"]), _call(owners["bob"], "poison"), _call(owners["carol"])]
-    outcomes = pipeline._admit_all(calls)
+    calls = [
+        _call(owners["alice"], client_msg_id=retried),
+        _call(owners["bob"], "poison"),
+        _call(owners["carol"]),
+    ]
+    before = Message.objects.count()
+    with connections["default"].execute_wrapper(poison):
+        outcomes = pipeline._admit_all(calls)
     assert [ok for ok, _ in outcomes] == [False, False, False]
     assert all(isinstance(err, OperationalError) for _, err in outcomes)
-    assert not Message.objects.exists()
+    assert Message.objects.count() == before
+
+
+def test_new_messages_in_a_batch_are_stored_with_three_inserts(owners):
+    [(ok, (earlier, _))] = pipeline._admit_all([_call(owners["alice"], "earlier")])
+    assert ok
+    flagged = InjectionVerdict(score=0.75, signals=("override",))
+    calls = [
+        _call(owners["bob"], "new from bob"),
+        _call(owners["alice"], "more from alice", conversation_id=earlier.conversation_id),
+        _call(owners["carol"], "new from carol"),
+        _call(owners["bob"], "another from bob"),
+    ]
+    calls[2].kwargs["injection"] = flagged
+    with CaptureQueriesContext(connections["default"]) as queries:
+        outcomes = pipeline._admit_all(calls)
+    assert [ok for ok, _ in outcomes] == [True] * 4
+    inserts = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("INSERT")]
+    assert len(inserts) == 3  # the conversations, the user messages, the replies
+    accepted = [value[0] for _, value in outcomes]
+    # Each send's ids point at its own rows, as one-by-one storing would give.
+    for call, got in zip(calls, accepted, strict=True):
+        request = call.kwargs["request"]
+        message = Message.objects.get(pk=got.user_message_id)
+        reply = Message.objects.get(pk=got.reply_id)
+        assert (message.content, message.role) == (call.kwargs["content"], Message.Role.USER)
+        assert message.owner_key == call.kwargs["owner"].key
+        assert message.client_msg_id == request.client_msg_id
+        assert message.conversation_id == reply.conversation_id == got.conversation_id
+        assert (reply.role, reply.status) == (Message.Role.ASSISTANT, Message.Status.PENDING)
+        assert reply.reply_to_id == message.pk and reply.model == got.model == "demo:demo"
+        assert message.conversation.user_id == call.kwargs["owner"].user_id
+        assert got.conversation_created == (request.conversation_id is None)
+    assert accepted[1].conversation_id == earlier.conversation_id
+    assert len({a.conversation_id for a in accepted}) == 4
+    carol = Message.objects.get(pk=accepted[2].user_message_id)
+    assert (carol.injection_score, carol.injection_signals) == (0.75, ["override"])
+    bob = Message.objects.get(pk=accepted[0].user_message_id)
+    assert (bob.injection_score, bob.injection_signals) == (None, [])
+
+
+def test_a_batch_of_new_conversations_is_titled_together(owners, monkeypatch):
+    from chat import services
+    from chat.tasks import conversation_titles
+
+    services._enqueuer.submit(lambda: None).result(timeout=10)  # earlier tests' titles are out
+    enqueued: list[list[int]] = []
+    monkeypatch.setattr(services, "TITLE_GATHER_S", 0)
+    monkeypatch.setattr(conversation_titles, "delay", enqueued.append)
+    outcomes = pipeline._admit_all([_call(owners[n], f"hi {n}") for n in ("alice", "bob")])
+    services._enqueuer.submit(lambda: None).result(timeout=10)  # the enqueue ran before it
+    assert enqueued == [[value[0].conversation_id for _, value in outcomes]]
+
+
+def test_an_edit_in_a_batch_is_stored_beside_new_messages(owners):
+    [(ok, (first, _))] = pipeline._admit_all([_call(owners["alice"], "first try")])
+    assert ok
+    Message.objects.filter(pk=first.reply_id).update(status=Message.Status.FINISHED)
+    edit = _call(owners["alice"], "second try", conversation_id=first.conversation_id)
+    edit.kwargs["request"] = dataclasses.replace(
+        edit.kwargs["request"], edit_id=first.user_message_id
+    )
+    outcomes = pipeline._admit_all([_call(owners["bob"]), edit, _call(owners["carol"])])
+    assert [ok for ok, _ in outcomes] == [True] * 3
+    visible = Message.objects.filter(
+        conversation_id=first.conversation_id, superseded_at__isnull=True
+    ).order_by("id")
+    assert [m.content for m in visible] == ["second try", ""]
+    assert Message.objects.filter(role=Message.Role.USER).count() == 4
 
 
 def test_a_stored_send_whose_reply_cannot_be_prepared_gives_its_budget_back(
