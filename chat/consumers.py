@@ -143,9 +143,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         accepted, prepared = await pipeline.chat_accept(
             owner=self.owner, request=request, client_ip=self.client_ip
         )
-        await self.send_json(pipeline.accepted_frame(accepted))
         if prepared is None:  # a duplicate send: its reply already exists
+            await self.send_json(pipeline.accepted_frame(accepted))
             return
+        # The reply's task sends chat.accepted itself, once its model call has
+        # begun (pipeline.reply_run).
         buffer = hub.open(reply_id=accepted.reply_id, owner_key=accepted.owner_key, task=None)
         task = asyncio.create_task(
             pipeline.reply_run(

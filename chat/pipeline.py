@@ -403,8 +403,13 @@ async def reply_run(
     buffer: ReplyBuffer,
     prepared: Prepared,
 ) -> None:
-    """Generate, stream and store one reply; never raises except CancelledError.
+    """Acknowledge the send, then generate, stream and store one reply.
 
+    Never raises except CancelledError. The `chat.accepted` frame goes out
+    right after the model call has begun, and before any other frame of the
+    reply: when a thousand sends are stored together, every model call
+    starts before the thousand acknowledgements are written, and those are
+    written while the models think (make bench (c), docs/benchmarks.md).
     Deltas go to the reply's replay buffer (for resumes and other listeners)
     and straight to the socket that asked. A dropped socket does not stop the
     reply unless CHAT_CANCEL_ON_DISCONNECT; cancelling the task (Stop) ends
@@ -414,11 +419,26 @@ async def reply_run(
     loop = asyncio.get_running_loop()
     origin_attached = True
 
+    async def acknowledge() -> BaseException | None:
+        try:
+            await emit(accepted_frame(accepted))
+        except Exception as exc:
+            return exc
+        return None
+
+    # Queued now, it runs once this task waits for the model's first token.
+    acknowledged = loop.create_task(acknowledge())
+
     async def to_origin(frame: dict[str, Any]) -> None:
         nonlocal origin_attached
         if not origin_attached:
             return
+        # Shielded: a Stop while the acknowledgement is being written must
+        # not cut it off.
+        failed = await asyncio.shield(acknowledged)
         try:
+            if failed is not None:
+                raise failed
             await emit(frame)
         except Exception as exc:
             origin_attached = False
