@@ -2,6 +2,7 @@
 
 import gc
 import os
+from typing import Any
 
 from django.core.asgi import get_asgi_application
 
@@ -15,8 +16,9 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.ws_auth import SessionUserMiddleware  # noqa: E402
+from config import gc_idle  # noqa: E402
 
-application = ProtocolTypeRouter(
+router = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": AllowedHostsOriginValidator(
@@ -24,6 +26,12 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+
+async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    # The collector's long scans run while the process is idle (config/gc_idle.py).
+    gc_idle.ensure_running()
+    await router(scope, receive, send)
 
 
 def _start_wal_checkpoints() -> None:

@@ -1,0 +1,82 @@
+"""Run the cyclic garbage collector's long scans while the server is idle.
+
+A connection keeps a few hundred container objects alive for as long as it
+is open (its consumer, scope, session, queues, protocol state). When a
+thousand connections open together, those objects sit in the collector's
+middle generation until a collection of it, which then scans them all: the
+first burst of messages afterwards paid a 70-115 ms pause for it, right in
+the replies' time to first token (make bench (c), docs/benchmarks.md). The
+full collections that follow scan every open connection again.
+
+This process checks its own CPU use every CHECK_S seconds. Below IDLE_SHARE
+of a core, nothing is being served, so it runs those scans then: the middle
+generation when it holds anything, a full collection at most every
+FULL_EVERY_S seconds. The collector's own thresholds (config/asgi.py) stay in
+place for a server that is never idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import time
+import weakref
+from collections.abc import Callable
+
+CHECK_S = 0.5
+IDLE_SHARE = 0.05  # of one core, every thread of the process counted
+FULL_EVERY_S = 10.0
+
+_running: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+class IdleCollector:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        cpu: Callable[[], float] = time.process_time,
+        wall: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._loop = loop
+        self._cpu_clock, self._wall_clock = cpu, wall
+        self._cpu, self._at = cpu(), wall()
+        self._full_at = -math.inf
+
+    def start(self) -> None:
+        self._loop.call_later(CHECK_S, self._check)
+
+    def _check(self) -> None:
+        try:
+            self.maybe_collect()
+        finally:
+            if not self._loop.is_closed():
+                self._loop.call_later(CHECK_S, self._check)
+
+    def maybe_collect(self) -> int | None:
+        """Collect if the process was idle since the last check; return the generation."""
+        cpu, at = self._cpu_clock(), self._wall_clock()
+        busy = (cpu - self._cpu) / max(at - self._at, 1e-6)
+        generation = None
+        if busy < IDLE_SHARE:
+            if at - self._full_at >= FULL_EVERY_S and gc.get_count()[2] > 0:
+                generation = 2
+            elif gc.get_count()[1] > 0:  # young objects were kept since its last scan
+                generation = 1
+        if generation is not None:
+            gc.collect(generation)
+            if generation == 2:
+                self._full_at = at
+        # The collection's own CPU does not count as the next period's work.
+        self._cpu, self._at = self._cpu_clock(), self._wall_clock()
+        return generation
+
+
+def ensure_running() -> None:
+    """Start the idle collector on the running loop, once."""
+    loop = asyncio.get_running_loop()
+    if loop in _running:
+        return
+    _running.add(loop)
+    IdleCollector(loop).start()

@@ -1,0 +1,149 @@
+"""The garbage collector's long scans run while the server is idle, not while it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from config import gc_idle
+
+
+class Clocks:
+    """A process's CPU time and the wall clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+        self.wall_s = 0.0
+
+    def cpu(self) -> float:
+        return self.cpu_s
+
+    def wall(self) -> float:
+        return self.wall_s
+
+    def period(self, seconds: float, busy_share: float) -> None:
+        self.wall_s += seconds
+        self.cpu_s += seconds * busy_share
+
+
+class Node:
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[gc_idle.IdleCollector, Clocks]]:
+    clocks = Clocks()
+    loop = asyncio.new_event_loop()
+    try:
+        yield gc_idle.IdleCollector(loop, cpu=clocks.cpu, wall=clocks.wall), clocks
+    finally:
+        loop.close()
+
+
+def _cycle_in_the_middle_generation() -> weakref.ref[Node]:
+    """An unreachable reference cycle that a young collection has already passed over."""
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gc.collect(0)  # still reachable: both move on to the middle generation
+    return weakref.ref(a)
+
+
+def test_an_idle_process_collects_what_young_collections_kept(collector):
+    idle, clocks = collector
+    gc.collect(1)
+    assert idle.maybe_collect() == 2  # the first full collection is due at once
+    clocks.period(0.5, busy_share=0.01)
+    garbage = _cycle_in_the_middle_generation()
+    assert garbage() is not None  # a young collection alone does not free it
+    assert idle.maybe_collect() == 1
+    assert garbage() is None
+
+
+def test_a_busy_process_is_left_to_the_collectors_own_thresholds(collector):
+    idle, clocks = collector
+    garbage = _cycle_in_the_middle_generation()
+    clocks.period(0.5, busy_share=0.6)
+    assert idle.maybe_collect() is None
+    assert garbage() is not None
+    clocks.period(0.5, busy_share=0.0)  # then the burst ends
+    assert idle.maybe_collect() in (1, 2)
+    assert garbage() is None
+
+
+def test_full_collections_run_at_most_every_full_every_s(collector):
+    idle, clocks = collector
+    gc.collect(1)  # a middle-generation scan since the last full one
+    clocks.period(0.5, busy_share=0.0)
+    assert idle.maybe_collect() == 2
+    for _ in range(3):
+        gc.collect(1)
+        clocks.period(0.5, busy_share=0.0)
+        assert idle.maybe_collect() != 2
+    clocks.period(gc_idle.FULL_EVERY_S, busy_share=0.0)
+    gc.collect(1)
+    assert idle.maybe_collect() == 2
+
+
+def test_the_collection_itself_does_not_count_as_work(collector):
+    idle, clocks = collector
+    real = gc.collect
+
+    def slow_collect(generation: int = 2) -> int:
+        if generation > 0:
+            clocks.period(0.3, busy_share=1.0)  # a long scan, all CPU
+        return real(generation)
+
+    gc.collect = slow_collect  # type: ignore[assignment]
+    try:
+        _cycle_in_the_middle_generation()
+        clocks.period(0.5, busy_share=0.0)
+        assert idle.maybe_collect() is not None
+        _cycle_in_the_middle_generation()
+        clocks.period(0.5, busy_share=0.0)
+        assert idle.maybe_collect() is not None  # still idle, though the last scan was long
+    finally:
+        gc.collect = real
+
+
+async def test_the_application_starts_one_collector_per_loop():
+    from config.asgi import application
+
+    loop = asyncio.get_running_loop()
+    before = len(gc_idle._running)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/health/live",
+        "headers": [(b"host", b"testserver")],
+    }
+    sent: list[dict[str, object]] = []
+
+    async def request() -> None:
+        answered = asyncio.Event()
+        asked = False
+
+        async def receive() -> dict[str, object]:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await answered.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
+
+        await application(scope, receive, send)
+
+    for _ in range(2):
+        await asyncio.wait_for(request(), timeout=10)
+    assert loop in gc_idle._running
+    assert len(gc_idle._running) == before + 1
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200, 200]
