@@ -67,6 +67,24 @@ async def test_anonymous_visitors_are_limited_per_ip(ws, settings, counted):
     assert counted == ["anon"]
 
 
+def test_anonymous_visitors_on_other_ips_are_counted_apart(db, settings):
+    from chat.errors import RateLimited
+    from chat.owners import Owner
+    from chat.safety.limits import check_send_limits
+
+    settings.CHAT_RATELIMIT_ANON = "1/m"
+    settings.CHAT_RATELIMIT_USER = "1/m"
+    check_send_limits(owner=Owner(user_id=None, session_key="s1"), client_ip="10.0.0.1")
+    with pytest.raises(RateLimited):  # another session, the same address
+        check_send_limits(owner=Owner(user_id=None, session_key="s2"), client_ip="10.0.0.1")
+    check_send_limits(owner=Owner(user_id=None, session_key="s3"), client_ip="10.0.0.2")
+    # Signed-in users are counted by user, wherever they send from.
+    check_send_limits(owner=Owner(user_id=1), client_ip="10.0.0.2")
+    check_send_limits(owner=Owner(user_id=2), client_ip="10.0.0.2")
+    with pytest.raises(RateLimited):
+        check_send_limits(owner=Owner(user_id=1), client_ip="10.0.0.3")
+
+
 async def test_repeated_violations_block_the_user_until_staff_lift_it(ws, make_user, settings):
     settings.CHAT_RATELIMIT_USER = "1/m"
     settings.CHAT_ABUSE_THRESHOLD = 3
