@@ -6,7 +6,9 @@ A message runs the same handful of statements (store the user message and
 its pending reply, bump the conversation, finish the reply), so these build
 their SQL once per database vendor from the model's metadata and then only
 convert values, with each field's own `get_db_prep_save`: the same
-conversion the ORM applies, so what is stored is identical.
+conversion the ORM applies, so what is stored is identical (a str for a text
+field, an int for an integer one or a float for a float one, which that
+conversion would return as it is, skips the call).
 
 Everything else keeps using the ORM; a model change reaches these statements
 through `_meta`, and the tests that store and read messages cover both.
@@ -28,6 +30,31 @@ def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
     return field
 
 
+# Field kinds whose conversion hands a value of exactly this type to the
+# database as it is (get_prep_value is str(), int() or float() of it, and the
+# vendor adapts nothing), so such a value skips the call.
+_PASSES_AS_IS: dict[str, type] = {
+    "CharField": str,
+    "TextField": str,
+    "AutoField": int,
+    "BigAutoField": int,
+    "SmallAutoField": int,
+    "IntegerField": int,
+    "BigIntegerField": int,
+    "SmallIntegerField": int,
+    "PositiveIntegerField": int,
+    "PositiveBigIntegerField": int,
+    "PositiveSmallIntegerField": int,
+    "FloatField": float,
+}
+
+
+def _passes_as_is(field: models.Field[Any, Any]) -> type | None:
+    """Return the type of value the field stores unconverted, or None."""
+    target = field.target_field if isinstance(field, models.ForeignKey) else field
+    return _PASSES_AS_IS.get(target.get_internal_type())
+
+
 class Insert:
     """INSERT rows with every concrete field; absent values take the field's default."""
 
@@ -37,6 +64,8 @@ class Insert:
             f for f in model._meta.concrete_fields if not isinstance(f, models.AutoField)
         ]
         self._index = {f.attname: i for i, f in enumerate(self.fields)}
+        # Per field: the type its conversion leaves as it is (with None).
+        self._as_is = [_passes_as_is(f) for f in self.fields]
         self._now = [
             i
             for i, f in enumerate(self.fields)
@@ -67,7 +96,7 @@ class Insert:
         """Every row's values in column order, converted as the ORM would, one list."""
         now = timezone.now()
         stamps = [(i, self.fields[i].get_db_prep_save(now, conn)) for i in self._now]
-        fields, index = self.fields, self._index
+        fields, index, as_is = self.fields, self._index, self._as_is
         params: list[Any] = []
         for values in rows:
             row = list(defaults)
@@ -75,7 +104,11 @@ class Insert:
                 row[i] = stamp
             for name, value in values.items():
                 i = index[name]
-                row[i] = fields[i].get_db_prep_save(value, conn)
+                kind = as_is[i]
+                if kind is not None and (value is None or type(value) is kind):
+                    row[i] = value
+                else:
+                    row[i] = fields[i].get_db_prep_save(value, conn)
             params += row
         return params
 

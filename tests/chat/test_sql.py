@@ -1,0 +1,105 @@
+"""The prebuilt statements (chat/sql.py) store exactly what the ORM would."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from chat import sql
+from chat.models import Conversation, Message
+
+pytestmark = pytest.mark.django_db
+
+
+def _stored(pk: int, values: dict[str, Any]) -> dict[str, Any]:
+    row = Message.objects.filter(pk=pk).values().get()
+    for name in ("id", "created_at"):
+        row.pop(name)
+    # Unique per owner: each row has its own, and it is the one given.
+    assert row.pop("client_msg_id") == values.get("client_msg_id")
+    return row
+
+
+@pytest.fixture
+def conversation(make_user) -> Conversation:
+    return Conversation.objects.create(user=make_user("alice"))
+
+
+def _cases(conversation: Conversation, earlier: Message) -> list[dict[str, Any]]:
+    return [
+        # Plain values, choices given as their enum members, a UUID, JSON.
+        {
+            "conversation_id": conversation.pk,
+            "role": Message.Role.USER,
+            "content": "hello — ünïcode, 'quotes' and \\ back\\slashes",
+            "owner_key": f"u:{conversation.user_id}",
+            "client_msg_id": uuid.uuid4(),
+            "injection_score": 0.25,
+            "injection_signals": ["override", "roleplay"],
+        },
+        # Choices given as plain strings, None where a field allows it,
+        # integers, a boolean, a decimal and a JSON object.
+        {
+            "conversation_id": conversation.pk,
+            "role": "assistant",
+            "status": "finished",
+            "finish_reason": "stop",
+            "reply_to_id": earlier.pk,
+            "model": "demo:demo",
+            "version_id": None,
+            "ttft_ms": 12,
+            "latency_ms": 3400,
+            "prompt_tokens": 0,
+            "completion_tokens": 150,
+            "cost_usd": Decimal("0.00012345"),
+            "cached": True,
+            "injection_score": None,
+            "moderation": {"stage": "output", "category": "violence", "score": 0.9},
+            "call_path": [{"model": "demo:demo", "outcome": "ok"}],
+        },
+        # Values of another type than the field's: converted as the ORM does.
+        {
+            "conversation_id": str(conversation.pk),
+            "role": "user",
+            "latency_ms": 3400.9,
+            "injection_score": 1,
+            "usage_estimated": 1,
+            "owner_key": 42,
+        },
+        # Nothing but the required fields: every default.
+        {"conversation_id": conversation.pk, "role": Message.Role.USER},
+    ]
+
+
+def test_insert_stores_what_the_orm_stores(conversation):
+    earlier = Message.objects.create(conversation=conversation, role="user", content="earlier")
+    insert = sql.Insert(Message)
+    for case in _cases(conversation, earlier):
+
+        def fresh(case: dict[str, Any] = case) -> dict[str, Any]:
+            if "client_msg_id" not in case:
+                return dict(case)
+            return dict(case, client_msg_id=uuid.uuid4())
+
+        by_orm = fresh()
+        orm_row = _stored(Message.objects.create(**by_orm).pk, by_orm)
+        one = fresh()
+        assert _stored(sql.Insert(Message).run(**one), one) == orm_row
+        first, second = fresh(), fresh()
+        ids = insert.run_many([first, second])
+        assert _stored(ids[0], first) == _stored(ids[1], second) == orm_row
+
+
+def test_run_many_returns_each_rows_id_in_order(conversation):
+    rows = [
+        {"conversation_id": conversation.pk, "role": "user", "content": f"message {n}"}
+        for n in range(40)
+    ]
+    ids = sql.Insert(Message).run_many(rows)
+    assert len(set(ids)) == 40
+    contents = dict(Message.objects.filter(pk__in=ids).values_list("pk", "content"))
+    assert [contents[pk] for pk in ids] == [f"message {n}" for n in range(40)]
+    assert sql.Insert(Message).run_many([]) == []
