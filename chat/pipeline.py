@@ -607,10 +607,8 @@ async def _store(
     }
 
 
-def _finish_and_settle(
-    *, accepted: Accepted, finish_kwargs: dict[str, Any], priced: bool
-) -> Decimal:
-    """Price, store and settle the reply in one trip to the database thread."""
+def _finish_reply(*, finish_kwargs: dict[str, Any], priced: bool, **_: Any) -> None:
+    """Price the reply and store it (finish_kwargs gets its cost)."""
     if priced:
         usage = Usage(
             prompt_tokens=finish_kwargs["prompt_tokens"] or 0,
@@ -620,6 +618,10 @@ def _finish_and_settle(
             model=finish_kwargs["model"], usage=usage, at=timezone.now()
         )
     services.reply_finish(**finish_kwargs)
+
+
+def _settle(*, accepted: Accepted, finish_kwargs: dict[str, Any], **_: Any) -> Decimal:
+    """Settle the reply's budget reservation with what it cost; return the cost."""
     if accepted.reservation is not None:
         limits.budget_settle(
             reservation=accepted.reservation,
@@ -630,4 +632,42 @@ def _finish_and_settle(
     return Decimal(finish_kwargs["cost_usd"])
 
 
-_finish_batched = Batched(_finish_and_settle)
+def _finish_all(calls: list[Call]) -> list[Outcome]:
+    """Store the finished replies of one trip, SENDS_PER_COMMIT to a commit; then settle.
+
+    Replies that end together (a burst's, which stream in step) share a
+    commit instead of paying one each (on PostgreSQL an fsync each). A lot
+    whose transaction fails for any reason is stored again reply by reply,
+    each in a transaction of its own, so one bad row never costs the others
+    their text; a reply finished twice is a no-op (services.reply_finish).
+    Budgets are settled after the commits: the cache may be Redis, and no
+    transaction stays open across it.
+    """
+    stored: list[Outcome | None] = [None] * len(calls)
+    for start in range(0, len(calls), SENDS_PER_COMMIT):
+        lot = range(start, min(start + SENDS_PER_COMMIT, len(calls)))
+        if len(lot) > 1:
+            try:
+                with transaction.atomic():
+                    for i in lot:
+                        ok, value = calls[i].run(_finish_reply, **calls[i].kwargs)
+                        if not ok:
+                            raise value
+                        stored[i] = (True, None)
+                continue
+            except Exception:  # nothing of this lot is stored: one by one below
+                for i in lot:
+                    stored[i] = None
+        for i in lot:
+            stored[i] = calls[i].run(_finish_reply, **calls[i].kwargs)
+    outcomes: list[Outcome] = []
+    for call, result in zip(calls, stored, strict=True):
+        if result is None or not result[0]:
+            outcomes.append(result or (False, RuntimeError("no outcome")))
+            continue
+        outcomes.append(call.run(_settle, **call.kwargs))
+    return outcomes
+
+
+# Replies that end together share trips to the database thread and commits.
+_finish_batched = Batched.grouped(_finish_all)

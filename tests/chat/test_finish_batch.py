@@ -1,0 +1,166 @@
+"""Replies that end together share commits, and each is still stored on its own if a lot fails."""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.db import OperationalError, connections
+
+from chat import pipeline, services
+from chat.batching import Call
+from chat.errors import BudgetExceeded
+from chat.models import Message
+from chat.owners import Owner
+from chat.safety import limits
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _call(kwargs: dict[str, Any]) -> Call:
+    return Call(contextvars.copy_context(), kwargs)
+
+
+def _pending(owners: list[Owner]) -> list[Any]:
+    """Accept one send of each owner; return what their replies need."""
+    sends = [
+        _call(
+            {
+                "owner": owner,
+                "client_ip": "10.0.0.8",
+                "request": pipeline.SendRequest(
+                    content=f"question {n}", client_msg_id=uuid.uuid4(), conversation_id=None
+                ),
+                "content": f"question {n}",
+                "injection": None,
+            }
+        )
+        for n, owner in enumerate(owners)
+    ]
+    outcomes = pipeline._admit_all(sends)
+    assert all(ok for ok, _ in outcomes)
+    return [accepted for _, (accepted, _prepared) in outcomes]
+
+
+def _finish(accepted: Any, text: str) -> Call:
+    return _call(
+        {
+            "accepted": accepted,
+            "priced": True,
+            "finish_kwargs": {
+                "reply_id": accepted.reply_id,
+                "content": text,
+                "finish_reason": "stop",
+                "model": accepted.model,
+                "ttft_ms": 5,
+                "latency_ms": 900,
+                "prompt_tokens": 12,
+                "completion_tokens": 30,
+                "usage_estimated": False,
+                "cost_usd": Decimal("0"),
+                "error_code": "",
+                "call_path": [{"model": accepted.model, "outcome": "ok"}],
+                "moderation": None,
+                "cached": False,
+            },
+        }
+    )
+
+
+@pytest.fixture(autouse=True)
+def _titles_enqueued():
+    """New conversations' titles are enqueued from a thread: let it finish here."""
+    yield
+    services._enqueuer.submit(lambda: None).result(timeout=10)
+
+
+@pytest.fixture
+def owners(make_user) -> list[Owner]:
+    return [Owner(user_id=make_user(f"user{n}").pk) for n in range(5)]
+
+
+@pytest.fixture
+def commits(monkeypatch) -> list[str]:
+    counted: list[str] = []
+    wrapper = type(connections["default"])
+    real = wrapper.commit
+
+    def commit(self: Any) -> None:
+        counted.append(self.alias)
+        real(self)
+
+    monkeypatch.setattr(wrapper, "commit", commit)
+    return counted
+
+
+def _finished(accepted: list[Any]) -> list[tuple[str, str]]:
+    rows = Message.objects.in_bulk([a.reply_id for a in accepted])
+    return [(rows[a.reply_id].status, rows[a.reply_id].content) for a in accepted]
+
+
+def test_replies_that_end_together_share_commits(owners, commits, monkeypatch, settings):
+    settings.CHAT_DAILY_BUDGET_USD = "0.02"
+    settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills a day
+    monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    accepted = _pending(owners)
+    commits.clear()
+    outcomes = pipeline._finish_all([_finish(a, f"answer {n}") for n, a in enumerate(accepted)])
+    assert [ok for ok, _ in outcomes] == [True] * 5
+    assert all(isinstance(cost, Decimal) for _, cost in outcomes)
+    # Two lots of two in a transaction each; the last reply, alone, is one
+    # statement that commits itself (as every reply did before).
+    assert commits == ["default"] * 2
+    assert _finished(accepted) == [("finished", f"answer {n}") for n in range(5)]
+    # Each reservation was settled with the reply's real cost (the demo model's
+    # is 0): every owner can reserve today's budget once more, and only once.
+    for owner in owners:
+        limits.check_send_limits(owner=owner, client_ip="10.0.0.8")
+        with pytest.raises(BudgetExceeded):
+            limits.check_send_limits(owner=owner, client_ip="10.0.0.8")
+
+
+def test_a_lot_whose_commit_fails_is_stored_reply_by_reply(owners, monkeypatch):
+    monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    accepted = _pending(owners)
+    wrapper = type(connections["default"])
+    real = wrapper.commit
+    seen: list[int] = []
+
+    def second_fails(self: Any) -> None:
+        seen.append(1)
+        if len(seen) == 2:
+            raise OperationalError("database or disk is full")
+        real(self)
+
+    monkeypatch.setattr(wrapper, "commit", second_fails)
+    outcomes = pipeline._finish_all([_finish(a, f"answer {n}") for n, a in enumerate(accepted)])
+    monkeypatch.setattr(wrapper, "commit", real)
+    assert [ok for ok, _ in outcomes] == [True] * 5
+    assert _finished(accepted) == [("finished", f"answer {n}") for n in range(5)]
+
+
+def test_one_reply_that_cannot_be_stored_costs_the_others_nothing(owners, monkeypatch):
+    monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    accepted = _pending(owners)
+
+    def poison(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if params and "poison" in params:
+            raise OperationalError("canceling statement due to statement timeout")
+        return execute(sql, params, many, context)
+
+    texts = ["answer 0", "poison", "answer 2", "answer 3", "answer 4"]
+    with connections["default"].execute_wrapper(poison):
+        outcomes = pipeline._finish_all(
+            [_finish(a, text) for a, text in zip(accepted, texts, strict=True)]
+        )
+    assert [ok for ok, _ in outcomes] == [True, False, True, True, True]
+    assert isinstance(outcomes[1][1], OperationalError)
+    finished = _finished(accepted)
+    assert finished[1] == ("pending", "")  # left to the reaper, as a failed store always was
+    # Its lot-mate was rolled back with it, then stored on its own.
+    assert [f for n, f in enumerate(finished) if n != 1] == [
+        ("finished", text) for n, text in enumerate(texts) if n != 1
+    ]
