@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from channels.db import database_sync_to_async
 
-from chat import breaker, pipeline, services
+from chat import breaker, pipeline
 from chat.batching import Call
 from chat.models import Message
 from chat.owners import Owner
 from chat.providers.demo import DemoProvider
 from chat.replay import hub
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("titles_enqueued")]
 
 
 @database_sync_to_async
@@ -58,13 +58,6 @@ def _start(accepted: Any, prepared: Any, emit: Any) -> asyncio.Task[None]:
     )
     buffer.task = task
     return task
-
-
-@pytest.fixture(autouse=True)
-def _titles_enqueued():
-    """New conversations' titles are enqueued from a thread: let it finish here."""
-    yield
-    services._enqueuer.submit(lambda: None).result(timeout=10)
 
 
 @pytest.fixture

@@ -53,25 +53,11 @@ def owners(make_user) -> dict[str, Owner]:
     return {name: Owner(user_id=make_user(name).pk) for name in names}
 
 
-@pytest.fixture
-def commits(monkeypatch) -> list[str]:
-    counted: list[str] = []
-    wrapper = type(connections["default"])
-    real = wrapper.commit
-
-    def commit(self: Any) -> None:
-        counted.append(self.alias)
-        real(self)
-
-    monkeypatch.setattr(wrapper, "commit", commit)
-    return counted
-
-
 def test_a_batch_is_stored_with_one_commit(owners, commits):
     calls = [_call(owners[name], f"hi from {name}") for name in ("alice", "bob", "alice")]
     outcomes = pipeline._admit_all(calls)
     assert [ok for ok, _ in outcomes] == [True, True, True]
-    assert commits == ["default"]
+    assert commits.made == ["default"]
     stored = Message.objects.filter(role=Message.Role.USER).order_by("id")
     assert [m.content for m in stored] == ["hi from alice", "hi from bob", "hi from alice"]
     # Each has its pending reply, and history for the model.
@@ -85,27 +71,17 @@ def test_a_big_batch_commits_every_sends_per_commit_sends(owners, commits, monke
     names = ("alice", "bob", "carol", "mallory", "alice")
     outcomes = pipeline._admit_all([_call(owners[name], f"hi {i}") for i, name in enumerate(names)])
     assert [ok for ok, _ in outcomes] == [True] * 5
-    assert commits == ["default"] * 3  # 2 + 2 + 1
+    assert commits.made == ["default"] * 3  # 2 + 2 + 1
     assert sorted(
         Message.objects.filter(role=Message.Role.USER).values_list("content", flat=True)
     ) == [f"hi {i}" for i in range(5)]
 
 
-def test_a_failed_commit_fails_only_its_own_sends(owners, settings, monkeypatch):
+def test_a_failed_commit_fails_only_its_own_sends(owners, settings, monkeypatch, commits):
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
     settings.CHAT_DAILY_BUDGET_USD = "0.02"
     settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills a day
-    wrapper = type(connections["default"])
-    real = wrapper.commit
-    seen: list[int] = []
-
-    def second_fails(self: Any) -> None:
-        seen.append(1)
-        if len(seen) == 2:
-            raise OperationalError("database or disk is full")
-        real(self)
-
-    monkeypatch.setattr(wrapper, "commit", second_fails)
+    commits.fail_at = {2}
     names = ("alice", "bob", "carol", "mallory")
     outcomes = pipeline._admit_all([_call(owners[name], name) for name in names])
     assert [ok for ok, _ in outcomes] == [True, True, False, False]
@@ -113,7 +89,6 @@ def test_a_failed_commit_fails_only_its_own_sends(owners, settings, monkeypatch)
     assert sorted(
         Message.objects.filter(role=Message.Role.USER).values_list("content", flat=True)
     ) == ["alice", "bob"]
-    monkeypatch.setattr(wrapper, "commit", real)
     # The failed sends got their reservations back; the stored ones kept theirs.
     for name in ("carol", "mallory"):
         limits.check_send_limits(owner=owners[name], client_ip="10.0.0.9")
@@ -225,17 +200,10 @@ def test_a_retried_send_in_a_batch_gets_the_first_ids(owners):
     assert Message.objects.filter(role=Message.Role.USER).count() == 3
 
 
-def test_a_failed_commit_stores_nothing_and_fails_every_send(owners, settings, monkeypatch):
+def test_a_failed_commit_stores_nothing_and_fails_every_send(owners, settings, commits):
     settings.CHAT_DAILY_BUDGET_USD = "0.02"
     settings.CHAT_BUDGET_RESERVE_USD = "0.02"
-    wrapper = type(connections["default"])
-    real = wrapper.commit
-
-    def disk_full(self: Any) -> None:
-        monkeypatch.setattr(wrapper, "commit", real)  # only this once
-        raise OperationalError("database or disk is full")
-
-    monkeypatch.setattr(wrapper, "commit", disk_full)
+    commits.fail_at = {1}
     outcomes = pipeline._admit_all([_call(owners["alice"]), _call(owners["bob"])])
     assert [ok for ok, _ in outcomes] == [False, False]
     assert all(isinstance(err, OperationalError) for _, err in outcomes)

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 from django.db import OperationalError, connections
 
-from chat import pipeline, services
+from chat import pipeline
 from chat.batching import Call
 from chat.errors import BudgetExceeded
 from chat.models import Message
 from chat.owners import Owner
 from chat.safety import limits
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("titles_enqueued")]
 
 
 def _call(kwargs: dict[str, Any]) -> Call:
@@ -70,30 +70,9 @@ def _finish(accepted: Any, text: str) -> Call:
     )
 
 
-@pytest.fixture(autouse=True)
-def _titles_enqueued():
-    """New conversations' titles are enqueued from a thread: let it finish here."""
-    yield
-    services._enqueuer.submit(lambda: None).result(timeout=10)
-
-
 @pytest.fixture
 def owners(make_user) -> list[Owner]:
     return [Owner(user_id=make_user(f"user{n}").pk) for n in range(5)]
-
-
-@pytest.fixture
-def commits(monkeypatch) -> list[str]:
-    counted: list[str] = []
-    wrapper = type(connections["default"])
-    real = wrapper.commit
-
-    def commit(self: Any) -> None:
-        counted.append(self.alias)
-        real(self)
-
-    monkeypatch.setattr(wrapper, "commit", commit)
-    return counted
 
 
 def _finished(accepted: list[Any]) -> list[tuple[str, str]]:
@@ -106,13 +85,13 @@ def test_replies_that_end_together_share_commits(owners, commits, monkeypatch, s
     settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills a day
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
     accepted = _pending(owners)
-    commits.clear()
+    commits.made.clear()
     outcomes = pipeline._finish_all([_finish(a, f"answer {n}") for n, a in enumerate(accepted)])
     assert [ok for ok, _ in outcomes] == [True] * 5
     assert all(isinstance(cost, Decimal) for _, cost in outcomes)
     # Two lots of two in a transaction each; the last reply, alone, is one
     # statement that commits itself (as every reply did before).
-    assert commits == ["default"] * 2
+    assert commits.made == ["default"] * 2
     assert _finished(accepted) == [("finished", f"answer {n}") for n in range(5)]
     # Each reservation was settled with the reply's real cost (the demo model's
     # is 0): every owner can reserve today's budget once more, and only once.
@@ -122,22 +101,15 @@ def test_replies_that_end_together_share_commits(owners, commits, monkeypatch, s
             limits.check_send_limits(owner=owner, client_ip="10.0.0.8")
 
 
-def test_a_lot_whose_commit_fails_is_stored_reply_by_reply(owners, monkeypatch):
+def test_a_lot_whose_commit_fails_is_stored_reply_by_reply(owners, monkeypatch, commits):
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
     accepted = _pending(owners)
-    wrapper = type(connections["default"])
-    real = wrapper.commit
-    seen: list[int] = []
-
-    def second_fails(self: Any) -> None:
-        seen.append(1)
-        if len(seen) == 2:
-            raise OperationalError("database or disk is full")
-        real(self)
-
-    monkeypatch.setattr(wrapper, "commit", second_fails)
+    before = commits.tried
+    commits.fail_at = {before + 2}  # the second lot's
     outcomes = pipeline._finish_all([_finish(a, f"answer {n}") for n, a in enumerate(accepted)])
-    monkeypatch.setattr(wrapper, "commit", real)
+    # The first lot committed, the second failed to; the rest wrote one by one.
+    assert commits.tried == before + 2
+    assert len(commits.made) == before + 1
     assert [ok for ok, _ in outcomes] == [True] * 5
     assert _finished(accepted) == [("finished", f"answer {n}") for n in range(5)]
 
