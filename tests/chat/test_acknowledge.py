@@ -125,9 +125,7 @@ async def test_the_acknowledgement_comes_before_every_other_frame(make_user, set
     assert frames[0]["message"] == accepted.reply_id
 
 
-async def test_a_reply_whose_acknowledgement_fails_still_runs_and_is_stored(
-    make_user, settings, caplog
-):
+async def test_a_reply_whose_acknowledgement_fails_still_runs_and_is_stored(make_user, settings):
     settings.CHAT_CANCEL_ON_DISCONNECT = False
     owner = Owner(user_id=(await database_sync_to_async(make_user)("bob")).pk)
     tried: list[str] = []
@@ -143,4 +141,3 @@ async def test_a_reply_whose_acknowledgement_fails_still_runs_and_is_stored(
     reply = await database_sync_to_async(Message.objects.get)(pk=accepted.reply_id)
     assert (reply.status, reply.finish_reason) == ("finished", "stop")
     assert reply.content.startswith("Demo reply to")
-    assert "never retrieved" not in caplog.text
