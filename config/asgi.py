@@ -13,10 +13,11 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.ws_auth import SessionUserMiddleware  # noqa: E402
-from config import gc_idle  # noqa: E402
+from config import cpu_pin, gc_idle  # noqa: E402
 
 router = ProtocolTypeRouter(
     {
@@ -36,8 +37,6 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 def _start_wal_checkpoints() -> None:
     """In the embedded mode, checkpoint the SQLite files off the serving threads."""
-    from django.conf import settings
-
     from config import sqlite_wal
 
     paths = [
@@ -79,6 +78,8 @@ def _warm_task_queue() -> None:
 # 7.9 ms of CPU per reply).
 _start_wal_checkpoints()
 _warm_task_queue()
+# After the threads above exist: every thread of the process moves together.
+cpu_pin.pin(settings.CHAT_WEB_CPU)
 gc.collect()
 gc.freeze()
 gc.set_threshold(10_000, 20, 20)

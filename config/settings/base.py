@@ -138,6 +138,10 @@ else:
         }
     }
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# The web process's CPU (config/cpu_pin.py): the embedded mode has one web
+# process, which stays on the CPU it starts on; with Redis several may share
+# a machine, so it is left to the scheduler unless set.
+CHAT_WEB_CPU = env.str("CHAT_WEB_CPU", default="off" if REDIS_URL else "auto")
 # django-ratelimit knows Django's built-in Redis cache works; our SQLite cache
 # is atomic too (see config/sqlite_cache.py), so its check is satisfied here.
 SILENCED_SYSTEM_CHECKS = ["django_ratelimit.W001"]

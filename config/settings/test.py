@@ -30,6 +30,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 CHAT_DEMO_TTFT_MS = env.int("CHAT_DEMO_TTFT_MS", default=0)
 CHAT_DEMO_TPS = env.float("CHAT_DEMO_TPS", default=0.0)
 CHAT_DEMO_REPLY_TOKENS = env.int("CHAT_DEMO_REPLY_TOKENS", default=12)
+# The test process starts servers and browsers, which would inherit a pinned
+# CPU (config/cpu_pin.py); the servers it starts pin themselves.
+CHAT_WEB_CPU = env.str("CHAT_WEB_CPU", default="off")
 # Serve static files straight from static/ without collectstatic.
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = True
