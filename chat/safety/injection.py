@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -372,6 +373,11 @@ _TAG_SIGNALS: tuple[_Signal, ...] = (
     ),
 )
 
+# Whether any of them matches, in one scan (as for the language signals).
+_ANY_TAG_SIGNAL = shared_prefixes(
+    re.compile("|".join(f"(?:{s.plain.pattern})" for s in _TAG_SIGNALS), re.MULTILINE)
+)
+
 # --- Folding -----------------------------------------------------------------
 
 # Format characters (Cf) that render as nothing: zero-width, bidi controls,
@@ -384,13 +390,15 @@ _FORMAT_CHARS = re.compile(
 _TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
 _LATIN_ACCENTS = re.compile("(?<=[a-z])[\u0300-\u036f]+")
 _HORIZONTAL_WHITESPACE = re.compile(r"[^\S\n]+")
-_LEET = str.maketrans(
-    {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
-)
-_LEET_SYMBOLS = "013457@$"
-_LEET_CHAR = re.compile(r"(?<=[a-z])[013457@$]|[013457@$](?=[a-z])")
-# Four or more single letters separated by one space or punctuation mark.
-_SPACED_LETTERS = re.compile(r"(?<!\w)(?:[a-z][ .\-_*]){3,}[a-z](?!\w)")
+_LEET = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
+# A leet symbol next to a letter. Both patterns below begin with what they
+# match, not with a lookbehind, so a scan skips every other character at once
+# instead of trying the lookbehind at each one (same matches:
+# tests/safety/test_regexes.py).
+_LEET_CHAR = re.compile(r"[013457@$](?:(?<=[a-z].)|(?=[a-z]))")
+# Four or more single letters separated by one space or punctuation mark, the
+# first one not preceded by a letter, digit or underscore.
+_SPACED_LETTERS = re.compile(r"[a-z](?<!\w[a-z])(?:[ .\-_*][a-z]){3,}(?!\w)")
 _SPACED_SEPARATOR = re.compile(r"[ .\-_*]")
 
 # --- Encoded payloads --------------------------------------------------------
@@ -414,13 +422,12 @@ def _score(text: str, *, decode_blobs: bool) -> InjectionVerdict:
     # to five tags), so a run of six or more is a hidden message.
     if any(len(run) >= 6 for run in _TAG_RUN.findall(text)):
         weights["hidden_tag_characters"] = _HIDDEN_TAGS_WEIGHT
-    lines = _fold_keep_lines(text)
-    folded = " ".join(lines.split())  # whitespace runs as one space: str.isspace is re's \s
-    squashed = _squash(folded)
+    lines, folded, squashed = fold_variants(text)
 
-    for signal in _TAG_SIGNALS:
-        if signal.pattern.search(lines):
-            weights[signal.name] = signal.weight
+    if _ANY_TAG_SIGNAL.search(lines):
+        for signal in _TAG_SIGNALS:
+            if signal.pattern.search(lines):
+                weights[signal.name] = signal.weight
     for variant in (folded,) if squashed == folded else (folded, squashed):
         # Most messages match no signal: one scan tells, instead of one a signal.
         if not _ANY_LANGUAGE_SIGNAL.search(variant):
@@ -507,11 +514,28 @@ def _fold_flat(text: str) -> str:
 
 
 def _squash(folded: str) -> str:
-    squashed = folded
-    # Most text has no digit or symbol that leet stands for: skip that pass.
-    if any(c in folded for c in _LEET_SYMBOLS):
-        squashed = _LEET_CHAR.sub(lambda m: m.group().translate(_LEET), folded)
-    return _SPACED_LETTERS.sub(lambda m: _SPACED_SEPARATOR.sub("", m.group()), squashed)
+    squashed = _LEET_CHAR.sub(_unleet, folded)
+    return _SPACED_LETTERS.sub(_unspace, squashed)
+
+
+def _unleet(match: re.Match[str]) -> str:
+    return _LEET[match.group()]
+
+
+def _unspace(match: re.Match[str]) -> str:
+    return _SPACED_SEPARATOR.sub("", match.group())
+
+
+@functools.lru_cache(maxsize=32)
+def fold_variants(text: str) -> tuple[str, str, str]:
+    """Return `text` folded with its lines kept, folded flat, and squashed.
+
+    A user's message is scored for injection and then moderated, and both
+    fold it the same way: the moderation finds the message's folds here.
+    """
+    lines = _fold_keep_lines(text)
+    folded = " ".join(lines.split())  # whitespace runs as one space: str.isspace is re's \s
+    return lines, folded, _squash(folded)
 
 
 _ORDER = {

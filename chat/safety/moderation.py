@@ -34,7 +34,7 @@ from typing import Protocol
 import httpx
 from django.conf import settings
 
-from chat.safety.injection import _fold_flat, _squash
+from chat.safety.injection import _fold_flat, _squash, fold_variants
 from chat.safety.regexes import shared_prefixes
 
 logger = logging.getLogger(__name__)
@@ -304,7 +304,10 @@ _ANY_RULE = shared_prefixes(_RULES_ALTERNATION)
 def rules_scores(text: str) -> dict[str, float]:
     """Return each category's score in [0, 1] for `text` (noisy-OR of what matched)."""
     folded = _fold_flat(text)
-    squashed = _squash(folded)
+    return _scores(folded, _squash(folded))
+
+
+def _scores(folded: str, squashed: str) -> dict[str, float]:
     variants = (folded,) if squashed == folded else (folded, squashed)
     if not any(_ANY_RULE.search(v) for v in variants):
         return {}
@@ -330,7 +333,12 @@ class RulesModerator:
         self.threshold = threshold
 
     def check_now(self, text: str, *, stage: str) -> Verdict | None:
-        scores = rules_scores(text)
+        if stage == "input":
+            # The injection score has just folded this message the same way.
+            _lines, folded, squashed = fold_variants(text)
+            scores = _scores(folded, squashed)
+        else:
+            scores = rules_scores(text)
         if not scores:
             return None
         category, score = max(scores.items(), key=lambda item: item[1])
