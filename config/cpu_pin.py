@@ -5,10 +5,10 @@ database work on one thread beside it, so each message goes from the loop to
 that thread and back. When the two threads run on different CPUs, each
 hand-off wakes the other CPU, and on a virtual machine an idle vCPU wakes
 slowly and with cold caches. Measured on a 2-vCPU VM (make bench (a), one
-connection, docs/benchmarks.md): time to first token p50 3.2 ms with the
-threads free to move, 1.9 ms with the process on one CPU. Python's GIL lets
-only one of them run Python at a time anyway, so one CPU costs the process
-next to nothing.
+connection): time to first token p50 2.5-3.4 ms with the threads free to
+move, 1.75-1.78 ms with the process on one CPU. Python's GIL lets only one of
+them run Python at a time anyway, so one CPU costs the process next to
+nothing (docs/decisions/0009-one-cpu-per-web-process.md).
 
 `CHAT_WEB_CPU`:
 - `auto`: the CPU the process is running on when the application loads. The
