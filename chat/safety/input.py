@@ -104,22 +104,28 @@ def check_user_text(text: object, *, max_chars: int, field: str = "message") -> 
     if len(text) > max_chars * _SHRINK_FACTOR:
         raise _too_long(field, len(text), max_chars)
 
-    surrogate = _LONE_SURROGATE.search(text)
-    if surrogate is not None:
-        raise InvalidInput(
-            f"Your {field} contains a broken character that is not valid text "
-            f"({_codepoint(surrogate.group())} at position {surrogate.start() + 1}). "
-            "Retype that part and send it again.",
-            reason="surrogate",
-        )
+    # Surrogates, bidi controls, tags, invisible characters, line separators
+    # and NFC concern only non-ASCII text: most messages skip those passes.
+    ascii_only = text.isascii()
+    if not ascii_only:
+        surrogate = _LONE_SURROGATE.search(text)
+        if surrogate is not None:
+            raise InvalidInput(
+                f"Your {field} contains a broken character that is not valid text "
+                f"({_codepoint(surrogate.group())} at position {surrogate.start() + 1}). "
+                "Retype that part and send it again.",
+                reason="surrogate",
+            )
 
-    _refuse_controls(text, field)
-    text = _CR.sub("\n", text)
+    _refuse_controls(text, field, ascii_only=ascii_only)
+    if "\r" in text:
+        text = _CR.sub("\n", text)
 
-    text = _TAGS.sub(_keep_tag_sequence, text)
-    text = _INVISIBLE_RUN.sub(_keep_inner_joiner, text)
-    text = unicodedata.normalize("NFC", text)
-    text = _LINE_SEPARATORS.sub("\n", text)
+    if not ascii_only:
+        text = _TAGS.sub(_keep_tag_sequence, text)
+        text = _INVISIBLE_RUN.sub(_keep_inner_joiner, text)
+        text = unicodedata.normalize("NFC", text)
+        text = _LINE_SEPARATORS.sub("\n", text)
     untrimmed = text
     text = _LEADING_BLANK_LINES.sub("", text).rstrip()
 
@@ -165,7 +171,7 @@ def check_frame_size(raw: str | bytes, *, max_bytes: int) -> None:
         )
 
 
-def _refuse_controls(text: str, field: str) -> None:
+def _refuse_controls(text: str, field: str, *, ascii_only: bool) -> None:
     control = _CONTROL.search(text)
     if control is not None:
         char = control.group()
@@ -175,7 +181,7 @@ def _refuse_controls(text: str, field: str) -> None:
             f"{control.start() + 1}) that can't be sent. Remove it and send it again.",
             reason="control_char",
         )
-    bidi = _BIDI_CONTROL.search(text)
+    bidi = None if ascii_only else _BIDI_CONTROL.search(text)
     if bidi is not None:
         char = bidi.group()
         raise InvalidInput(

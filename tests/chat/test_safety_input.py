@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import unicodedata
 
@@ -24,6 +25,25 @@ def refusal(text: object, *, max_chars: int = LIMIT, field: str = "message") -> 
 def test_plain_text_is_returned_unchanged() -> None:
     text = "Hello! Can you summarise this article for me?\n\tThanks — Zoë 😀"
     assert check_user_text(text, max_chars=LIMIT) == text
+
+
+def _outcome(text: str) -> str:
+    try:
+        return "ok:" + check_user_text(text, max_chars=LIMIT)
+    except InvalidInput as exc:
+        return "refused:" + exc.reason
+
+
+def test_ascii_text_is_cleaned_as_if_every_pass_ran() -> None:
+    """ASCII skips the passes for non-ASCII text; a removed ZERO WIDTH SPACE forces them all."""
+    kinds = ["a", " ", "\t", "\n", "\r", "\x00", "\x0b", "\x7f"]
+    tried = 0
+    for length in range(6):
+        for chars in itertools.product(kinds, repeat=length):
+            text = "".join(chars)
+            assert _outcome(text) == _outcome("\u200b" + text), repr(text)
+            tried += 1
+    assert tried == sum(len(kinds) ** n for n in range(6))
 
 
 def test_invalid_input_carries_the_sentence_for_the_user() -> None:
