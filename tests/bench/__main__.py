@@ -197,7 +197,7 @@ class Bench:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.app_dir = data_dir
         self.app_ports = ports
-        self.app_env = servers.base_env(data_dir, **extra)
+        self.app_env = servers.base_env(data_dir, **{**extra, **dict(self.args.settings)})
         t0 = time.perf_counter()
         self.cookies = servers.prepare_app_data(self.app_env, users)
         print(
@@ -480,6 +480,13 @@ class Bench:
         return 0
 
 
+def setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller counts (< 60 s)")
@@ -490,7 +497,19 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="abcs", help="scenarios to run: a, b, c (with d), s (scaled)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (server logs)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        metavar="NAME=VALUE",
+        type=setting,
+        action="append",
+        default=[],
+        help="an environment variable for the app's servers (repeatable), "
+        "e.g. --set CHAT_MODERATION_MAX_HOLD_MS=50",
+    )
     args = parser.parse_args(argv)
+    if args.settings:
+        print("app settings: " + ", ".join(f"{k}={v}" for k, v in args.settings), flush=True)
 
     def on_term(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
