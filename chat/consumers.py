@@ -144,12 +144,23 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_send(self, request: pipeline.SendRequest) -> None:
         started_at = asyncio.get_running_loop().time()
+
+        def start(result: tuple[pipeline.Accepted, pipeline.Prepared | None]) -> None:
+            accepted, prepared = result
+            if prepared is not None:
+                self._start_reply(accepted, prepared, started_at)
+
+        # The reply starts as soon as the send is stored, from the trip's
+        # return, before this coroutine (and a burst's thousand others) resumes.
         accepted, prepared = await pipeline.chat_accept(
-            owner=self.owner, request=request, client_ip=self.client_ip
+            owner=self.owner, request=request, client_ip=self.client_ip, then=start
         )
         if prepared is None:  # a duplicate send: its reply already exists
             await self.send_json(pipeline.accepted_frame(accepted))
-            return
+
+    def _start_reply(
+        self, accepted: pipeline.Accepted, prepared: pipeline.Prepared, started_at: float
+    ) -> None:
         # The reply's task sends chat.accepted itself, once its model call has
         # begun (pipeline.reply_run).
         buffer = hub.open(reply_id=accepted.reply_id, owner_key=accepted.owner_key, task=None)

@@ -77,14 +77,20 @@ class Prepared:
 
 
 async def chat_accept(
-    *, owner: Owner | None, request: SendRequest, client_ip: str
+    *,
+    owner: Owner | None,
+    request: SendRequest,
+    client_ip: str,
+    then: Callable[[tuple[Accepted, Prepared | None]], object] | None = None,
 ) -> tuple[Accepted, Prepared | None]:
     """Check, limit and store a send; return it with what the reply needs.
 
     The checks that need no database run first; then one trip to the
     database thread checks limits, stores the message and its pending reply,
     and reads the history and the response cache, so the first token waits
-    for one thread hop, not four.
+    for one thread hop, not four. `then` gets the result on the event loop
+    as soon as that trip is back, before the callers of a batched trip
+    resume (chat/batching.py): the consumer starts the reply there.
     """
     if owner is None:
         raise Forbidden("Your session has expired. Reload the page to keep chatting.")
@@ -92,7 +98,7 @@ async def chat_accept(
         raise Forbidden("Please sign in to chat.")
     if request.regenerate_id is not None:
         return await _admit_batched(
-            owner=owner, client_ip=client_ip, request=request, content="", injection=None
+            then=then, owner=owner, client_ip=client_ip, request=request, content="", injection=None
         )
     content = check_message_text(request.content)
     injection = injection_score(content)
@@ -108,7 +114,12 @@ async def chat_accept(
         )
         raise BlockedInput()
     return await _admit_batched(
-        owner=owner, client_ip=client_ip, request=request, content=content, injection=injection
+        then=then,
+        owner=owner,
+        client_ip=client_ip,
+        request=request,
+        content=content,
+        injection=injection,
     )
 
 

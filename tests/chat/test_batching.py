@@ -228,3 +228,85 @@ def test_the_sends_batch_settles_and_the_finished_replies_batch_does_not():
     # A burst of sends goes in one trip; chat.done waits for no trickle.
     assert pipeline._admit_batched._settles is True
     assert pipeline._finish_batched._settles is False
+
+
+async def test_every_hook_of_a_trip_runs_before_any_of_its_callers_resumes():
+    release = threading.Event()
+    events: list[tuple[str, int]] = []
+
+    def store(*, n: int) -> int:
+        if n == 0:
+            release.wait(timeout=10)  # the rest gather into one batch meanwhile
+        return n * 10
+
+    batched = Batched(store)
+
+    async def call(n: int) -> int:
+        with log_context(message_id=n):
+            value = await batched(
+                n=n,
+                then=lambda v: events.append(("then", v, _context.get().get("message_id"))),
+            )
+        events.append(("resumed", value, n))
+        return value
+
+    first = asyncio.ensure_future(call(0))
+    await asyncio.sleep(0)  # the first trip starts at once, alone
+    rest = [asyncio.ensure_future(call(n)) for n in range(1, 6)]
+    release.set()
+    assert await asyncio.gather(first, *rest) == [n * 10 for n in range(6)]
+    # The lone call's hook ran before it returned; in the batch of five, every
+    # hook ran (in its caller's context) before the first caller resumed.
+    assert events[:2] == [("then", 0, 0), ("resumed", 0, 0)]
+    assert events[2:7] == [("then", n * 10, n) for n in range(1, 6)]
+    assert sorted(events[7:]) == [("resumed", n * 10, n) for n in range(1, 6)]
+
+
+async def test_a_hook_that_raises_fails_only_its_own_call():
+    release = threading.Event()
+    hooked: list[int] = []
+
+    def hook(value: int) -> None:
+        if value == 30:
+            raise LookupError("the reply could not start")
+        hooked.append(value)
+
+    def store(*, n: int) -> int:
+        if n == 0:
+            release.wait(timeout=10)
+        return n * 10
+
+    batched = Batched(store)
+    first = asyncio.ensure_future(batched(n=0, then=hook))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(batched(n=n, then=hook)) for n in range(1, 6)]
+    release.set()
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert results[:3] + results[4:] == [0, 10, 20, 40, 50]
+    assert isinstance(results[3], LookupError)
+    assert hooked == [0, 10, 20, 40, 50]
+
+
+async def test_no_hook_runs_for_a_failed_or_cancelled_call():
+    release = threading.Event()
+    hooked: list[int] = []
+
+    def store(*, n: int) -> int:
+        if n == 0:
+            release.wait(timeout=10)
+        if n == 2:
+            raise ValueError("not stored")
+        return n
+
+    batched = Batched(store)
+    first = asyncio.ensure_future(batched(n=0, then=hooked.append))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(batched(n=n, then=hooked.append)) for n in range(1, 4)]
+    await asyncio.sleep(0)
+    rest[2].cancel()  # n=3: its caller went away while the trip was out
+    release.set()
+    results = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert results[:2] == [0, 1]
+    assert isinstance(results[2], ValueError)
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert hooked == [0, 1]
