@@ -32,6 +32,8 @@ from typing import Any, Generic, TypeVar
 
 from channels.db import database_sync_to_async
 
+from config import gc_idle
+
 R = TypeVar("R")
 # Calls per trip: a trip takes every call that waits, up to this many. A trip
 # costs several turns of the event loop (hand-off, wake-up, each caller's
@@ -156,10 +158,16 @@ class Batched(Generic[R]):
         return result
 
     async def _drain(self, queue: _Queue) -> None:
+        loop = asyncio.get_running_loop()
         batch: list[tuple[Call, asyncio.Future[Any]]] = []
+        holding = False  # automatic collections held, and no release scheduled
         try:
             while queue.pending:
                 if self._settles:
+                    # A burst: the collector waits until its replies have
+                    # started (config/gc_idle.py), then collects at once.
+                    gc_idle.hold_collections()
+                    holding = True
                     await self._settle(queue)
                 batch = queue.pending[:MAX_BATCH]
                 del queue.pending[:MAX_BATCH]
@@ -179,7 +187,13 @@ class Batched(Generic[R]):
                     else:
                         future.set_exception(value)
                 batch = []
+                if holding:
+                    # After what the hooks started and the callers' resumption.
+                    loop.call_soon(gc_idle.release_collections)
+                    holding = False
         finally:
+            if holding:  # cancelled or failed before its release was scheduled
+                gc_idle.release_collections()
             queue.drainer = None
             # Cancelled (the loop is closing): nobody may wait forever.
             for _call, future in batch + queue.pending:

@@ -232,7 +232,7 @@ def test_the_sends_batch_settles_and_the_finished_replies_batch_does_not():
 
 async def test_every_hook_of_a_trip_runs_before_any_of_its_callers_resumes():
     release = threading.Event()
-    events: list[tuple[str, int]] = []
+    events: list[tuple[str, int, object]] = []
 
     def store(*, n: int) -> int:
         if n == 0:
@@ -310,3 +310,79 @@ async def test_no_hook_runs_for_a_failed_or_cancelled_call():
     assert isinstance(results[2], ValueError)
     assert isinstance(results[3], asyncio.CancelledError)
     assert hooked == [0, 1]
+
+
+async def test_a_settling_batch_holds_collections_until_its_callers_resumed():
+    import gc
+
+    assert gc.isenabled()
+    release = threading.Event()
+    seen: list[tuple[str, bool]] = []
+
+    def run(calls: list[Call]) -> list[Outcome]:
+        if calls[0].kwargs["n"] == 0:
+            release.wait(timeout=10)
+        seen.append(("trip", gc.isenabled()))
+        return [(True, call.kwargs["n"]) for call in calls]
+
+    batched = Batched.grouped(run, settle=True)
+
+    async def call(n: int) -> int:
+        value = await batched(n=n, then=lambda _v: seen.append(("then", gc.isenabled())))
+        seen.append(("resumed", gc.isenabled()))
+        return value
+
+    first = asyncio.ensure_future(call(0))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(call(n)) for n in range(1, 4)]
+    release.set()
+    assert await asyncio.gather(first, *rest) == [0, 1, 2, 3]
+    # The lone first trip held nothing; the burst's trip, hooks and callers
+    # ran with collections held, and they run again afterwards.
+    assert seen[:3] == [("trip", True), ("then", True), ("resumed", True)]
+    assert seen[3:] == [("trip", False)] + [("then", False)] * 3 + [("resumed", False)] * 3
+    await asyncio.sleep(0)
+    assert gc.isenabled()
+
+
+async def test_a_cancelled_burst_lets_collections_run_again():
+    import gc
+
+    release, in_trip = threading.Event(), threading.Event()
+
+    def run(calls: list[Call]) -> list[Outcome]:
+        if calls[0].kwargs["n"] > 0:  # the burst's trip is held; the first is not
+            in_trip.set()
+            release.wait(timeout=10)
+        return [(True, None) for _ in calls]
+
+    batched = Batched.grouped(run, settle=True)
+    first = asyncio.ensure_future(batched(n=0))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(batched(n=1))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, in_trip.wait, 10)
+    assert not gc.isenabled()  # the burst's trip is out
+    drainer = batched._queues[loop].drainer
+    assert drainer is not None
+    drainer.cancel()
+    await asyncio.gather(drainer, return_exceptions=True)
+    assert gc.isenabled()
+    release.set()
+    await asyncio.gather(first, second, return_exceptions=True)
+
+
+async def test_a_batch_that_does_not_settle_leaves_collections_alone():
+    import gc
+
+    release = threading.Event()
+    during: list[bool] = []
+
+    def run(calls: list[Call]) -> list[Outcome]:
+        if calls[0].kwargs["n"] == 0:
+            release.wait(timeout=10)
+        during.append(gc.isenabled())
+        return [(True, None) for _ in calls]
+
+    await _one_then_more(Batched.grouped(run), release, 3)
+    assert during == [True, True]

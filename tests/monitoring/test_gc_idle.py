@@ -147,3 +147,41 @@ async def test_the_application_starts_one_collector_per_loop():
     assert loop in gc_idle._running
     assert len(gc_idle._running) == before + 1
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200, 200]
+
+
+@pytest.fixture
+def collections_on() -> Iterator[None]:
+    assert gc.isenabled()
+    try:
+        yield
+    finally:
+        gc_idle.release_collections()
+        gc.enable()
+
+
+def test_held_collections_wait_until_released_then_the_due_young_one_runs(collections_on):
+    gc_idle.hold_collections()
+    assert not gc.isenabled()
+    # Well past the young generation's threshold, and nothing was collected.
+    kept = [[] for _ in range(gc.get_threshold()[0] + 100)]
+    assert gc.get_count()[0] > gc.get_threshold()[0]
+    gc_idle.release_collections()
+    assert gc.isenabled()
+    assert gc.get_count()[0] < gc.get_threshold()[0]  # collected on release
+    del kept
+
+
+def test_holding_twice_needs_one_release_and_a_release_alone_does_nothing(collections_on):
+    gc_idle.release_collections()
+    assert gc.isenabled()
+    gc_idle.hold_collections()
+    gc_idle.hold_collections()
+    gc_idle.release_collections()
+    assert gc.isenabled()
+
+
+def test_collections_switched_off_elsewhere_stay_off(collections_on):
+    gc.disable()
+    gc_idle.hold_collections()
+    gc_idle.release_collections()
+    assert not gc.isenabled()
