@@ -1,7 +1,10 @@
 """ASGI entry point: Django for HTTP, the chat consumer for WebSockets."""
 
+import asyncio
 import gc
+import logging
 import os
+import weakref
 from typing import Any
 
 from django.core.asgi import get_asgi_application
@@ -11,6 +14,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.embedded")
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
+from channels.db import database_sync_to_async  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
@@ -18,6 +22,8 @@ from django.conf import settings  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.ws_auth import SessionUserMiddleware  # noqa: E402
 from config import cpu_pin, gc_idle  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 router = ProtocolTypeRouter(
     {
@@ -32,7 +38,44 @@ router = ProtocolTypeRouter(
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     # The collector's long scans run while the process is idle (config/gc_idle.py).
     gc_idle.ensure_running()
+    _warm_database_thread_once()
     await router(scope, receive, send)
+
+
+_warmed: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _warm_database_thread_once() -> None:
+    """Open the database thread's cache connections while the first socket connects.
+
+    Messages store in Django's database thread, whose first use of the SQLite
+    cache (the rate-limit counters) opened its connection: 12-27 ms, in the
+    trip of the first burst of messages (make bench (c), py-spy). A socket's
+    own authentication opens the database connection there already.
+    """
+    loop = asyncio.get_running_loop()
+    if loop in _warmed:
+        return
+    _warmed.add(loop)
+    task = loop.create_task(database_sync_to_async(_warm_caches)())
+    _warming.add(task)
+    task.add_done_callback(_warming.discard)
+
+
+_warming: set[asyncio.Task[None]] = set()
+
+
+def _warm_caches() -> None:
+    from django.core.cache import caches
+
+    for alias in settings.CACHES:
+        warm = getattr(caches[alias], "warm", None)
+        if warm is None:
+            continue
+        try:
+            warm()
+        except Exception:  # the first message will open it, or report the store down
+            logger.warning("could not open the %s cache's connection", alias, exc_info=True)
 
 
 def _start_wal_checkpoints() -> None:

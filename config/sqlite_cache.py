@@ -55,6 +55,10 @@ class SQLiteCache(BaseCache):
             opened[self._path] = conn
         return conn
 
+    def warm(self) -> None:
+        """Open this thread's connection now (a new one can wait tens of ms on the file's locks)."""
+        self._db()
+
     @contextlib.contextmanager
     def together(self, *, strict: bool = False) -> Iterator[None]:
         """Make this thread's cache writes in the block one transaction: one commit.
