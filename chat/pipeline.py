@@ -256,7 +256,7 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
     Phase by phase, each send in its caller's context with its own outcome:
     1. limits, blocks and budget (the cache, which may be Redis: no
        database transaction is open across it; the SQLite cache commits the
-       counters of SENDS_PER_COMMIT sends at once);
+       whole trip's counters at once);
     2. the admitted sends stored SENDS_PER_COMMIT to a transaction: they
        share a commit, the write-ahead log's write and (on PostgreSQL) its
        fsync, instead of one a message. New messages share their INSERTs too
@@ -271,25 +271,23 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
     """
     outcomes: list[Outcome | None] = [None] * len(calls)
     reservations: dict[int, limits.Reservation] = {}
-    for start in range(0, len(calls), SENDS_PER_COMMIT):
-        chunk = range(start, min(start + SENDS_PER_COMMIT, len(calls)))
-        try:
-            # The counters' writes share a commit too (the SQLite cache).
-            with limits.counters_together():
-                for i in chunk:
-                    ok, value = calls[i].run(
-                        limits.check_send_limits,
-                        owner=calls[i].kwargs["owner"],
-                        client_ip=calls[i].kwargs["client_ip"],
-                    )
-                    if ok:
-                        reservations[i] = value
-                    else:
-                        outcomes[i] = (False, value)
-        except Exception as exc:  # the commit failed: none of these was counted
-            for i in chunk:
-                reservations.pop(i, None)
-                outcomes[i] = (False, exc)
+    try:
+        # The whole trip's counters share one commit (the SQLite cache: a
+        # commit cost ~0.6 ms in a burst, more than 32 sends' counters).
+        with limits.counters_together():
+            for i, call in enumerate(calls):
+                ok, value = call.run(
+                    limits.check_send_limits,
+                    owner=call.kwargs["owner"],
+                    client_ip=call.kwargs["client_ip"],
+                )
+                if ok:
+                    reservations[i] = value
+                else:
+                    outcomes[i] = (False, value)
+    except Exception as exc:  # the commit failed: none of these was counted
+        reservations.clear()
+        outcomes = [(False, exc)] * len(calls)
     stored: dict[int, Accepted] = {}
     admitted = list(reservations)
     for start in range(0, len(admitted), SENDS_PER_COMMIT):

@@ -109,7 +109,9 @@ def sqlite_cache():
     return cache
 
 
-def test_a_batch_counts_its_limits_in_one_cache_transaction(owners, sqlite_cache):
+def test_a_batch_counts_its_limits_in_one_cache_transaction(owners, sqlite_cache, monkeypatch):
+    # However many transactions store the sends: a cache commit is dear.
+    monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
     statements: list[str] = []
     db = sqlite_cache._db()  # this thread's connection: the one _admit_all uses
     db.set_trace_callback(statements.append)
