@@ -69,6 +69,7 @@ def test_a_batch_is_stored_with_one_commit(owners, commits):
 
 def test_a_big_batch_commits_every_sends_per_commit_sends(owners, commits, monkeypatch):
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
     names = ("alice", "bob", "carol", "mallory", "alice")
     outcomes = pipeline._admit_all([_call(owners[name], f"hi {i}") for i, name in enumerate(names)])
     assert [ok for ok, _ in outcomes] == [True] * 5
@@ -78,8 +79,38 @@ def test_a_big_batch_commits_every_sends_per_commit_sends(owners, commits, monke
     ) == [f"hi {i}" for i in range(5)]
 
 
+def test_sqlite_stores_bigger_lots_within_its_statement_parameter_limit(
+    make_user, commits, titles_enqueued
+):
+    import sqlite3
+
+    if connections["default"].vendor != "sqlite":
+        pytest.skip("PostgreSQL keeps lots of SENDS_PER_COMMIT (its subtransaction cache)")
+    owners = [Owner(user_id=make_user(f"user{n}").pk) for n in range(2 * pipeline.SENDS_PER_COMMIT)]
+    outcomes = pipeline._admit_all([_call(owner, f"hi {n}") for n, owner in enumerate(owners)])
+    assert all(ok for ok, _ in outcomes)
+    assert commits.made == ["default"]  # 64 sends, one lot
+    # An SQLite built with the old limit of 999 parameters a statement: a lot
+    # of messages must still fit in one INSERT.
+    raw = connections["default"].connection
+    before = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    try:
+        commits.made.clear()
+        outcomes = pipeline._admit_all(
+            [_call(owner, f"again {n}") for n, owner in enumerate(owners)]
+        )
+    finally:
+        raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
+    assert all(ok for ok, _ in outcomes)
+    per_lot = 999 // len(Message._meta.concrete_fields)
+    assert len(commits.made) == -(-len(owners) // per_lot) > 1
+    assert Message.objects.filter(content__startswith="again ").count() == len(owners)
+
+
 def test_a_failed_commit_fails_only_its_own_sends(owners, settings, monkeypatch, commits):
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
     settings.CHAT_DAILY_BUDGET_USD = "0.02"
     settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills a day
     commits.fail_at = {2}
@@ -112,6 +143,7 @@ def sqlite_cache():
 def test_a_batch_counts_its_limits_in_one_cache_transaction(owners, sqlite_cache, monkeypatch):
     # However many transactions store the sends: a cache commit is dear.
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
     statements: list[str] = []
     db = sqlite_cache._db()  # this thread's connection: the one _admit_all uses
     db.set_trace_callback(statements.append)

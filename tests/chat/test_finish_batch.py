@@ -84,6 +84,7 @@ def test_replies_that_end_together_share_commits(owners, commits, monkeypatch, s
     settings.CHAT_DAILY_BUDGET_USD = "0.02"
     settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills a day
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
     accepted = _pending(owners)
     commits.made.clear()
     outcomes = pipeline._finish_all([_finish(a, f"answer {n}") for n, a in enumerate(accepted)])
@@ -103,6 +104,7 @@ def test_replies_that_end_together_share_commits(owners, commits, monkeypatch, s
 
 def test_a_lot_whose_commit_fails_is_stored_reply_by_reply(owners, monkeypatch, commits):
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
     accepted = _pending(owners)
     before = commits.tried
     commits.fail_at = {before + 2}  # the second lot's
@@ -116,6 +118,7 @@ def test_a_lot_whose_commit_fails_is_stored_reply_by_reply(owners, monkeypatch, 
 
 def test_one_reply_that_cannot_be_stored_costs_the_others_nothing(owners, monkeypatch):
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
+    monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
     accepted = _pending(owners)
 
     def poison(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
