@@ -43,6 +43,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 _warmed: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+_warming: set[asyncio.Task[None]] = set()  # held until done (the loop keeps weak refs)
 
 
 def _warm_database_thread_once() -> None:
@@ -60,9 +61,6 @@ def _warm_database_thread_once() -> None:
     task = loop.create_task(database_sync_to_async(_warm_caches)())
     _warming.add(task)
     task.add_done_callback(_warming.discard)
-
-
-_warming: set[asyncio.Task[None]] = set()
 
 
 def _warm_caches() -> None:
