@@ -7,6 +7,7 @@ from the embedded defaults to the scaled ones; unset means embedded.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import environ
@@ -402,6 +403,16 @@ else:
     CACHES["ratelimit"] = dict(CACHES["default"])
 RATELIMIT_USE_CACHE = "ratelimit"
 RATELIMIT_FAIL_OPEN = env.bool("CHAT_RATELIMIT_FAIL_OPEN", default=True)
+# django-ratelimit's own defaults, spelled out: it reads these on every send
+# with getattr(settings, name, default), and reading a setting that does not
+# exist costs Django ~5 us (an AttributeError) against ~0.6 us for one that
+# does, never cached: 15 ms of a burst of 1,000 sends (make bench (c)).
+RATELIMIT_ENABLE = True
+RATELIMIT_CACHE_PREFIX = "rl:"
+RATELIMIT_HASH_ALGORITHM = hashlib.sha256
+RATELIMIT_IP_META_KEY = None
+RATELIMIT_IPV4_MASK = 32
+RATELIMIT_IPV6_MASK = 64
 # Sign-in, sign-up and password reset, per IP (sign-in also per username).
 CHAT_RATELIMIT_LOGIN = env.str("CHAT_RATELIMIT_LOGIN", default="10/m")
 CHAT_RATELIMIT_SIGNUP = env.str("CHAT_RATELIMIT_SIGNUP", default="5/h")

@@ -85,6 +85,33 @@ def test_anonymous_visitors_on_other_ips_are_counted_apart(db, settings):
         check_send_limits(owner=Owner(user_id=1), client_ip="10.0.0.3")
 
 
+def test_checking_a_send_reads_no_setting_that_is_not_defined(db, monkeypatch):
+    # django-ratelimit reads its settings with getattr(settings, name,
+    # default) on every send; for a name that is not defined Django raises
+    # and catches an AttributeError each time (~5 us, never cached), which
+    # a burst of sends pays thousands of times.
+    from django.conf import LazySettings
+
+    from chat.owners import Owner
+    from chat.safety.limits import check_send_limits
+
+    undefined: list[str] = []
+    lookup = LazySettings.__getattr__
+
+    def spy(self: LazySettings, name: str) -> Any:
+        try:
+            return lookup(self, name)
+        except AttributeError:
+            undefined.append(name)
+            raise
+
+    monkeypatch.setattr(LazySettings, "__getattr__", spy)
+    check_send_limits(owner=Owner(user_id=1), client_ip="10.0.0.1")
+    check_send_limits(owner=Owner(user_id=None, session_key="s1"), client_ip="10.0.0.1")
+    check_send_limits(owner=Owner(user_id=None, session_key="s2"), client_ip="2001:db8::1")
+    assert undefined == []
+
+
 async def test_repeated_violations_block_the_user_until_staff_lift_it(ws, make_user, settings):
     settings.CHAT_RATELIMIT_USER = "1/m"
     settings.CHAT_ABUSE_THRESHOLD = 3
