@@ -114,3 +114,23 @@ def test_a_block_that_cannot_begin_writes_one_by_one(tmp_path, monkeypatch):
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         cache.set_many({"b": 2, "c": 3}, timeout=60)
     assert _seen_elsewhere(make(tmp_path), "b") is None
+
+
+@pytest.mark.parametrize("alias", ["default", "ratelimit"])
+def test_the_configured_caches_take_any_key_without_a_memcached_warning(alias):
+    # SQLite (embedded) and Redis (scaled) take keys memcached would refuse,
+    # so Django's per-operation check for those is skipped: a warning here
+    # would mean every cache operation pays for it again.
+    import warnings
+
+    from django.core.cache import CacheKeyWarning, caches
+
+    cache = caches[alias]
+    key = "a key with spaces, \x07 and " + "x" * 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheKeyWarning)
+        assert cache.add(key, 1, timeout=60) is True
+        assert cache.incr(key) == 2
+        assert cache.get(key) == 2
+        cache.delete(key)
+    assert cache.get(key) is None
