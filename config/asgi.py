@@ -83,7 +83,7 @@ def _start_wal_checkpoints() -> None:
     paths = [
         str(db["NAME"])
         for db in settings.DATABASES.values()
-        if db["ENGINE"] == "django.db.backends.sqlite3"
+        if db["ENGINE"] in ("config.sqlite_db", "django.db.backends.sqlite3")
     ]
     paths += [
         str(cache["LOCATION"])

@@ -139,7 +139,7 @@ def test_channel_layer_down_turns_ready_503(settings, closed_port):
 def database_down(tmp_path, closed_port) -> Iterator[str]:
     """A second database alias whose server is not there."""
     default = connections.settings["default"]
-    if default["ENGINE"].endswith("sqlite3"):
+    if connections["default"].vendor == "sqlite":
         down = {**default, "NAME": str(tmp_path / "missing-dir" / "db.sqlite3"), "TEST": {}}
     else:
         down = {**default, "PORT": str(closed_port), "OPTIONS": {"connect_timeout": 1}}
