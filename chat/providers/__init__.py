@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 from .base import ChatMessage, Provider, ProviderError, StreamEvent, StreamOptions, Usage
 
@@ -24,6 +25,19 @@ KNOWN_PROVIDERS = ("demo", "openai", "anthropic")
 # One instance per vendor configuration and process: each holds a connection
 # pool, and a new pool per reply would pay a TCP (and TLS) handshake every time.
 _instances: dict[tuple[object, ...], Provider] = {}
+# Every reply asks for its model's provider and deadlines, which settings
+# alone decide: read once per model (eight settings, ~8 us a reply in a
+# burst of a thousand), again after a change (tests change settings).
+_providers: dict[str, Provider] = {}
+_timeouts: dict[str, dict[str, float]] = {}
+
+
+def _settings_changed(**_: object) -> None:
+    _providers.clear()
+    _timeouts.clear()
+
+
+setting_changed.connect(_settings_changed)
 
 
 def split_model(spec: str) -> tuple[str, str]:
@@ -39,6 +53,13 @@ def split_model(spec: str) -> tuple[str, str]:
 
 def timeouts_for(spec: str) -> dict[str, float]:
     """Return this model's deadlines in seconds: connect, first_token, idle, total."""
+    known = _timeouts.get(spec)
+    if known is None:
+        known = _timeouts[spec] = _read_timeouts(spec)
+    return dict(known)
+
+
+def _read_timeouts(spec: str) -> dict[str, float]:
     timeouts = {
         "connect": float(settings.CHAT_TIMEOUT_CONNECT_S),
         "first_token": float(settings.CHAT_TIMEOUT_FIRST_TOKEN_S),
@@ -52,6 +73,13 @@ def timeouts_for(spec: str) -> dict[str, float]:
 
 def provider_for(spec: str) -> Provider:
     """Return a ready provider for `provider:model`, configured from settings."""
+    made = _providers.get(spec)
+    if made is None:
+        made = _providers[spec] = _provider_from_settings(spec)
+    return made
+
+
+def _provider_from_settings(spec: str) -> Provider:
     provider, model = split_model(spec)
     if provider == "demo":
         from .demo import DemoProvider

@@ -522,3 +522,37 @@ def test_fake_reports_a_disconnect_only_when_the_client_closes(vendor):
         record = vendor.wait_for_disconnect(timeout=5)
     assert record.tokens_sent == 2
     assert vendor.stats["disconnects"] == 1
+
+
+def test_a_models_provider_and_deadlines_follow_a_settings_change(settings, monkeypatch):
+    # Read once per model (a burst of replies asks for them a thousand times),
+    # read again after any settings change.
+    from django.conf import LazySettings
+
+    from chat.providers import provider_for, timeouts_for
+
+    settings.CHAT_DEMO_TPS = 7.0
+    settings.CHAT_TIMEOUT_FIRST_TOKEN_S = 11
+    settings.CHAT_TIMEOUTS = {"demo:slow": {"total": 99}}
+    assert provider_for("demo:demo").tps == 7.0
+    assert timeouts_for("demo:demo")["first_token"] == 11.0
+    assert timeouts_for("demo:slow")["total"] == 99.0
+
+    reads: list[str] = []
+    read = LazySettings.__getattribute__
+
+    def counting(self: LazySettings, name: str) -> object:
+        reads.append(name)
+        return read(self, name)
+
+    monkeypatch.setattr(LazySettings, "__getattribute__", counting)
+    provider_for("demo:demo")
+    timeouts_for("demo:demo")["first_token"] = 0.0  # a copy: the next caller's stays
+    assert timeouts_for("demo:demo")["first_token"] == 11.0
+    monkeypatch.undo()
+    assert reads == []
+
+    settings.CHAT_DEMO_TPS = 3.0
+    settings.CHAT_TIMEOUT_FIRST_TOKEN_S = 12
+    assert provider_for("demo:demo").tps == 3.0
+    assert timeouts_for("demo:demo")["first_token"] == 12.0
