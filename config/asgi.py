@@ -106,7 +106,27 @@ def _warm_task_queue() -> None:
     from config.celery import app as celery_app
 
     celery_app.finalize(auto=True)
+    # The task sender too: building it imports Celery's events modules (in
+    # the enqueue thread, while a burst's replies start).
     _ = celery_app.backend, celery_app.amqp.router, celery_app.producer_pool
+    _ = celery_app.amqp.send_task_message
+
+
+def _import_model_providers() -> None:
+    """Import the configured models' vendor code now, not in the first reply.
+
+    A provider's module is imported when a reply first asks for it, on the
+    event loop: the demo's took ~4 ms in the middle of make bench (c)'s
+    burst, and a vendor SDK takes far longer. Models activated later in the
+    admin still load theirs on first use.
+    """
+    from chat.providers import import_provider, split_model
+
+    for spec in (settings.CHAT_MODEL, *settings.CHAT_FALLBACK_MODELS):
+        try:
+            import_provider(split_model(spec)[0])
+        except (ValueError, ImportError):
+            logger.warning("model %r: its provider could not be imported", spec)
 
 
 # The cyclic garbage collector: what start-up built (Django, the URL conf,
@@ -119,6 +139,7 @@ def _warm_task_queue() -> None:
 # 7.9 ms of CPU per reply).
 _start_wal_checkpoints()
 _warm_task_queue()
+_import_model_providers()
 # After the threads above exist: every thread of the process moves together.
 cpu_pin.pin(settings.CHAT_WEB_CPU)
 gc.collect()

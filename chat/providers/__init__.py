@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from django.conf import settings
 from django.core.signals import setting_changed
 
@@ -14,6 +16,7 @@ __all__ = [
     "StreamEvent",
     "StreamOptions",
     "Usage",
+    "import_provider",
     "provider_for",
     "providers_aclose",
     "split_model",
@@ -77,6 +80,13 @@ def provider_for(spec: str) -> Provider:
     if made is None:
         made = _providers[spec] = _provider_from_settings(spec)
     return made
+
+
+def import_provider(provider: str) -> None:
+    """Import a vendor's module (its SDK with it) ahead of its first reply."""
+    if provider not in KNOWN_PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}")
+    importlib.import_module(f"{__name__}.{provider}")
 
 
 def _provider_from_settings(spec: str) -> Provider:
