@@ -6,7 +6,8 @@ burst of messages runs, a multi-row INSERT of 128 rows among them, that scan
 cost ~8 ms of a 1,000-send trip (make bench (c), docs/benchmarks.md). The same
 few statements run again and again, so each conversion is kept, looked up
 by the statement's text: the first distinct statements of the process, up
-to `MAX_KEPT` of them and `MAX_KEPT_CHARS` characters in all.
+to `MAX_KEPT` of them and `MAX_KEPT_CHARS` characters in all (their
+conversions take as much again).
 """
 
 from __future__ import annotations
