@@ -36,9 +36,7 @@ def test_a_first_message_imports_nothing_the_start_up_could(tmp_path, model):
     # An import on the event loop stalls every open stream (the demo's took
     # ~4 ms in the middle of a burst of 1,000 messages; a vendor SDK far
     # longer), and one in the enqueue thread holds the GIL as long.
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "DJANGO_", "PYTEST"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "DJANGO_", "PYTEST"))}
     env.update(
         DJANGO_SETTINGS_MODULE="config.settings.embedded",
         CHAT_DATA_DIR=str(tmp_path),
