@@ -1,4 +1,4 @@
-"""The embedded mode's shared cache: add, incr and expiry behave like Django's caches."""
+"""The shared caches: add, incr and expiry behave like Django's; any key is taken."""
 
 from __future__ import annotations
 
