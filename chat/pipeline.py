@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import uuid
@@ -157,13 +158,13 @@ def _store_send(
 
 
 def _ready(
-    *, accepted: Accepted, reservation: limits.Reservation, content: str
+    *, accepted: Accepted, reservation: limits.Reservation, content: str, cache_on: bool
 ) -> tuple[Accepted, Prepared | None]:
     if accepted.duplicate:
         # Nothing new will run: give the budget back at once.
         limits.budget_settle(reservation=reservation, cost_usd=Decimal("0"), tokens=0)
         return accepted, None
-    return accepted.with_reservation(reservation), _prepare(accepted, content)
+    return accepted.with_reservation(reservation), _prepare(accepted, content, cache_on=cache_on)
 
 
 def _store_new_together(
@@ -282,7 +283,8 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
        (services.messages_accept: three statements for the lot); edits,
        regenerations and a lot with a retried id go one by one, each in its
        own savepoint;
-    3. after the commits, what each reply needs (history, response cache).
+    3. after the commits, what each reply needs: its history, then the
+       response cache for the whole trip in one read (_look_up_cached).
     A send that is not stored gets its budget reservation back. If a commit
     fails, or a send fails with a database error (the transaction may be
     broken), none of that transaction's sends is stored and each gets the
@@ -312,6 +314,7 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
     per_commit = _sends_per_commit()
     for start in range(0, len(admitted), per_commit):
         stored.update(_store_together(calls, admitted[start : start + per_commit], outcomes))
+    cache_on = bool(stored) and _response_cache_on()
     for i, reservation in reservations.items():
         if i in stored:
             ready = calls[i].run(
@@ -319,14 +322,53 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
                 accepted=stored[i],
                 reservation=reservation,
                 content=calls[i].kwargs["content"],
+                cache_on=cache_on,
             )
             outcomes[i] = ready
             if ready[0]:
                 continue
         # No reply will run for this send: its reservation goes back.
         calls[i].run(limits.budget_settle, reservation=reservation, cost_usd=Decimal("0"), tokens=0)
+    if cache_on:
+        _look_up_cached(outcomes)
     # Every send has its outcome by now; none is ever dropped or shifted.
     return [o if o is not None else (False, RuntimeError("no outcome")) for o in outcomes]
+
+
+def _response_cache_on() -> bool:
+    """Return whether the response cache is on; off, and logged, if it cannot be asked."""
+    try:
+        return response_cache.cache_enabled()
+    except Exception as exc:
+        logger.warning("response cache unavailable (%s): no lookups", type(exc).__name__)
+        return False
+
+
+def _look_up_cached(outcomes: list[Outcome | None]) -> None:
+    """Find the trip's prepared replies in the response cache, with one read for them all.
+
+    A cache that cannot be read is a miss for every send: the model answers.
+    """
+    wanted: dict[int, str] = {}
+    for i, outcome in enumerate(outcomes):
+        if outcome is not None and outcome[0]:
+            accepted, prepared = outcome[1]
+            if prepared is not None and prepared.cache_key and not accepted.bypass_cache:
+                wanted[i] = prepared.cache_key
+    if not wanted:
+        return
+    try:
+        found = response_cache.cache_lookup_many(
+            list(dict.fromkeys(wanted.values())), switch_read=True
+        )
+    except Exception as exc:
+        logger.warning("response cache unavailable (%s): no lookups", type(exc).__name__)
+        return
+    for i, key in wanted.items():
+        hit = found.get(key)
+        if hit is not None:
+            accepted, prepared = outcomes[i][1]  # type: ignore[index]  # set above
+            outcomes[i] = (True, (accepted, dataclasses.replace(prepared, cached=hit)))
 
 
 # Messages that arrive together share trips to the database thread and a commit.
@@ -361,10 +403,16 @@ class _Result:
     verdict: moderation.Verdict | None = None
     cancelled: bool = False
     cached: bool = False
+    # What the response cache keeps of a complete answer: the reply under its keys.
+    remember: dict[str, response_cache.CachedReply] | None = None
 
 
-def _prepare(accepted: Accepted, content: str) -> Prepared:
-    """Return the history to send, its cache key and a cached reply if there is one."""
+def _prepare(accepted: Accepted, content: str, *, cache_on: bool) -> Prepared:
+    """Return the history to send and its response-cache key ("" while the cache is off).
+
+    The cached reply, if any, is filled in for the whole trip at once
+    (_look_up_cached).
+    """
     if accepted.conversation_created:
         # Nothing came before the message just stored: no need to read it back.
         history = [ChatMessage(role="user", content=content)]
@@ -379,24 +427,14 @@ def _prepare(accepted: Accepted, content: str) -> Prepared:
         )
     # With the cache off there is nothing to look up or store: no key either.
     key = ""
-    hit = None
-    if response_cache.cache_enabled():
+    if cache_on:
         key = response_cache.response_key(
             plan=accepted.plan, version_id=accepted.version_id, history=history
         )
-        hit = None if accepted.bypass_cache else response_cache.cache_lookup(key)
     if settings.CHAT_REDACT_VENDOR_TEXT:
         # Personal data stays here: the vendor sees typed placeholders.
         history = [ChatMessage(role=m.role, content=redact(m.content)) for m in history]
-    return Prepared(history=history, cache_key=key, cached=hit)
-
-
-def _remember(key: str, history: list[ChatMessage], text: str, usage: Usage) -> None:
-    reply = response_cache.CachedReply(
-        text=text, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens
-    )
-    response_cache.cache_store(key, reply)
-    response_cache.cache_store(response_cache.last_resort_key(history), reply)
+    return Prepared(history=history, cache_key=key, cached=None)
 
 
 def _last_resort(history: list[ChatMessage]) -> Callable[[], Awaitable[str | None]]:
@@ -540,7 +578,15 @@ async def reply_run(
             and result.finish_reason == "stop"
             and usage
         ):
-            await database_sync_to_async(_remember)(cache_key, history, sender.text, usage)
+            # Stored with the reply, in its trip to the database thread.
+            reply = response_cache.CachedReply(
+                text=sender.text,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+            )
+            result.remember = dict.fromkeys(
+                (cache_key, response_cache.last_resort_key(history)), reply
+            )
     except asyncio.CancelledError:
         result.cancelled = True
         result.finish_reason = "cancelled"
@@ -608,7 +654,12 @@ async def _store(
     priced = usage is not None and not result.cached
     # The store must happen even while this task is being cancelled again.
     cost = await asyncio.shield(
-        _finish_batched(accepted=accepted, finish_kwargs=finish_kwargs, priced=priced)
+        _finish_batched(
+            accepted=accepted,
+            finish_kwargs=finish_kwargs,
+            priced=priced,
+            remember=result.remember if result.finish_reason == "stop" else None,
+        )
     )
     metrics.reply_observed(
         model=model,
@@ -670,7 +721,10 @@ def _finish_all(calls: list[Call]) -> list[Outcome]:
     each in a transaction of its own, so one bad row never costs the others
     their text; a reply finished twice is a no-op (services.reply_finish).
     Budgets are settled after the commits: the cache may be Redis, and no
-    transaction stays open across it.
+    transaction stays open across it. Then the stored replies that the
+    response cache keeps go to it in one write (one commit on SQLite; a
+    thousand replies that end together used to make a thousand trips and two
+    thousand commits). A cache that cannot be written costs a reply nothing.
     """
     stored: list[Outcome | None] = [None] * len(calls)
     per_commit = _sends_per_commit()
@@ -696,6 +750,21 @@ def _finish_all(calls: list[Call]) -> list[Outcome]:
             outcomes.append(result or (False, RuntimeError("no outcome")))
             continue
         outcomes.append(call.run(_settle, **call.kwargs))
+    remembered: dict[str, response_cache.CachedReply] = {}
+    replies = 0
+    for call, result in zip(calls, stored, strict=True):
+        if result is not None and result[0] and call.kwargs.get("remember"):
+            remembered.update(call.kwargs["remember"])
+            replies += 1
+    if remembered:
+        try:
+            response_cache.cache_store_many(remembered)
+        except Exception as exc:
+            logger.warning(
+                "response cache unavailable (%s): the answers of %d replies not kept",
+                type(exc).__name__,
+                replies,
+            )
     return outcomes
 
 

@@ -80,30 +80,47 @@ def cache_switch(*, enabled: bool) -> None:
 
 
 def cache_lookup(key: str) -> CachedReply | None:
-    if not cache_enabled():
-        return None
-    raw = cache.get(key)
-    if not isinstance(raw, dict):
-        return None
-    try:
-        return CachedReply(
-            text=str(raw["text"]),
-            prompt_tokens=int(raw["prompt_tokens"]),
-            completion_tokens=int(raw["completion_tokens"]),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
+    return cache_lookup_many([key]).get(key)
 
 
-def cache_store(key: str, reply: CachedReply) -> None:
-    if not cache_enabled() or not reply.text:
-        return
-    cache.set(
-        key,
-        {
+def cache_lookup_many(keys: list[str], *, switch_read: bool = False) -> dict[str, CachedReply]:
+    """Return the replies cached under any of `keys`, read in one round trip.
+
+    A burst's sends are looked up together (chat/pipeline.py): one read of
+    the staff switch and one of the keys, not two reads a send. With
+    `switch_read`, the caller has just found the cache on.
+    """
+    if not keys or not (switch_read or cache_enabled()):
+        return {}
+    found: dict[str, CachedReply] = {}
+    for key, raw in cache.get_many(keys).items():
+        if not isinstance(raw, dict):
+            continue
+        try:
+            found[key] = CachedReply(
+                text=str(raw["text"]),
+                prompt_tokens=int(raw["prompt_tokens"]),
+                completion_tokens=int(raw["completion_tokens"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
+def cache_store_many(replies: dict[str, CachedReply]) -> None:
+    """Store each reply under its key, in one round trip (one commit on SQLite).
+
+    Replies that end together are stored together (chat/pipeline.py).
+    """
+    values = {
+        key: {
             "text": reply.text,
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens,
-        },
-        timeout=settings.CHAT_RESPONSE_CACHE_TTL_SECONDS,
-    )
+        }
+        for key, reply in replies.items()
+        if reply.text
+    }
+    if not values or not cache_enabled():
+        return
+    cache.set_many(values, timeout=settings.CHAT_RESPONSE_CACHE_TTL_SECONDS)

@@ -13,7 +13,7 @@ import pickle
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
@@ -27,6 +27,11 @@ CREATE TABLE IF NOT EXISTS cache (
     expires REAL
 )
 """
+
+
+# Keys a `get_many` statement reads: within the 999 variables an SQLite
+# build may allow in a statement (before 3.32), with one for the time.
+_KEYS_PER_READ = 500
 
 
 # One connection per thread and file, shared by every instance: Django keeps
@@ -147,6 +152,31 @@ class SQLiteCache(BaseCache):
             .fetchone()
         )
         return default if row is None else self._decode(row[0])
+
+    def get_many(self, keys: Iterable[str], version: int | None = None) -> dict[str, Any]:
+        """Read the keys with one statement per _KEYS_PER_READ, not one statement a key.
+
+        The batched trips read a burst's response-cache keys at once; Django's
+        default runs `get` once for each.
+        """
+        names = {self.make_and_validate_key(key, version=version): key for key in keys}
+        found: dict[str, Any] = {}
+        listed = list(names)
+        now = time.time()
+        for start in range(0, len(listed), _KEYS_PER_READ):
+            chunk = listed[start : start + _KEYS_PER_READ]
+            rows = (
+                self._db()
+                .execute(
+                    f"SELECT key, value FROM cache WHERE key IN ({', '.join('?' * len(chunk))})"  # noqa: S608 - placeholders only
+                    " AND (expires IS NULL OR expires > ?)",
+                    (*chunk, now),
+                )
+                .fetchall()
+            )
+            for name, raw in rows:
+                found[names[name]] = self._decode(raw)
+        return found
 
     def set(
         self,

@@ -11,17 +11,26 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.core.cache import caches
 from django.db import OperationalError, connections
 from django.test.utils import CaptureQueriesContext
 
-from chat import pipeline
+from chat import pipeline, response_cache
 from chat.batching import Call
 from chat.errors import BudgetExceeded, NotFound
 from chat.models import Message
 from chat.owners import Owner
 from chat.safety import InjectionVerdict, limits
+from config.sqlite_cache import SQLiteCache
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+# A cache whose server refuses connections (nothing listens on port 9).
+DEAD_REDIS = {
+    "BACKEND": "config.redis_cache.SharedRedisCache",
+    "LOCATION": "redis://127.0.0.1:9/0",
+    "OPTIONS": {"socket_connect_timeout": 0.2, "socket_timeout": 0.2},
+}
 
 
 def _call(
@@ -386,7 +395,7 @@ def test_a_stored_send_whose_reply_cannot_be_prepared_gives_its_budget_back(
     settings.CHAT_DAILY_BUDGET_USD = "0.02"
     settings.CHAT_BUDGET_RESERVE_USD = "0.02"
 
-    def unreadable(accepted: Any, content: str) -> Any:
+    def unreadable(accepted: Any, content: str, **_: Any) -> Any:
         raise OperationalError("history unreadable")
 
     monkeypatch.setattr(pipeline, "_prepare", unreadable)
@@ -394,3 +403,41 @@ def test_a_stored_send_whose_reply_cannot_be_prepared_gives_its_budget_back(
     assert not ok and isinstance(err, OperationalError)
     # No reply will run: the reservation came back, alice can still send today.
     limits.check_send_limits(owner=owners["alice"], client_ip="10.0.0.9")
+
+
+def test_a_batch_reads_the_response_cache_once_for_all_its_sends(owners):
+    [(ok, (_accepted, first))] = pipeline._admit_all([_call(owners["alice"], "what is x")])
+    assert ok and first.cache_key and first.cached is None
+    answer = response_cache.CachedReply(text="x is a letter", prompt_tokens=3, completion_tokens=4)
+    response_cache.cache_store_many({first.cache_key: answer})
+    cache = caches["default"]
+    statements: list[str] = []
+    if isinstance(cache, SQLiteCache):
+        cache._db().set_trace_callback(statements.append)  # this thread's: the one _admit_all uses
+    try:
+        outcomes = pipeline._admit_all(
+            [
+                _call(owners["bob"], "what is x"),
+                _call(owners["carol"], "what is y"),
+                _call(owners["mallory"], "what  is   x"),  # the same, spaced otherwise
+            ]
+        )
+    finally:
+        if isinstance(cache, SQLiteCache):
+            cache._db().set_trace_callback(None)
+    assert [prepared.cached for _ok, (_a, prepared) in outcomes] == [answer, None, answer]
+    if isinstance(cache, SQLiteCache):
+        reads = [sql for sql in statements if "chat:response:" in sql]
+        assert len(reads) == 1 and reads[0].startswith("SELECT")
+        assert sum("response-cache:off" in sql for sql in statements) == 1
+
+
+def test_a_response_cache_that_cannot_be_reached_costs_the_sends_nothing(owners, settings, caplog):
+    settings.CACHES = {**settings.CACHES, "default": DEAD_REDIS}
+    outcomes = pipeline._admit_all([_call(owners[n]) for n in ("alice", "bob")])
+    # Accepted, and answered by the model: nothing to look up, nothing to keep.
+    assert [(ok, prepared.cache_key, prepared.cached) for ok, (_a, prepared) in outcomes] == [
+        (True, "", None),
+        (True, "", None),
+    ]
+    assert "response cache unavailable (ConnectionError): no lookups" in caplog.text

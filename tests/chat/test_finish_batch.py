@@ -8,16 +8,25 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.core.cache import caches
 from django.db import OperationalError, connections
 
-from chat import pipeline
+from chat import pipeline, response_cache
 from chat.batching import Call
 from chat.errors import BudgetExceeded
 from chat.models import Message
 from chat.owners import Owner
 from chat.safety import limits
+from config.sqlite_cache import SQLiteCache
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("titles_enqueued")]
+
+# A cache whose server refuses connections (nothing listens on port 9).
+DEAD_REDIS = {
+    "BACKEND": "config.redis_cache.SharedRedisCache",
+    "LOCATION": "redis://127.0.0.1:9/0",
+    "OPTIONS": {"socket_connect_timeout": 0.2, "socket_timeout": 0.2},
+}
 
 
 def _call(kwargs: dict[str, Any]) -> Call:
@@ -139,3 +148,71 @@ def test_one_reply_that_cannot_be_stored_costs_the_others_nothing(owners, monkey
     assert [f for n, f in enumerate(finished) if n != 1] == [
         ("finished", text) for n, text in enumerate(texts) if n != 1
     ]
+
+
+def _kept(accepted: Any, text: str) -> Call:
+    """A finished reply that the response cache keeps, under a key of its own."""
+    call = _finish(accepted, text)
+    reply = response_cache.CachedReply(text=text, prompt_tokens=12, completion_tokens=30)
+    call.kwargs["remember"] = {f"chat:response:test-{uuid.uuid4()}": reply}
+    return call
+
+
+def _keys(calls: list[Call]) -> list[str]:
+    return [key for call in calls for key in call.kwargs["remember"]]
+
+
+def test_replies_that_end_together_are_kept_in_the_response_cache_in_one_write(owners):
+    accepted = _pending(owners)
+    calls = [_kept(a, f"answer {n}") for n, a in enumerate(accepted)]
+    cache = caches["default"]
+    statements: list[str] = []
+    if isinstance(cache, SQLiteCache):
+        cache._db().set_trace_callback(statements.append)  # this thread's: the one _finish_all uses
+    try:
+        outcomes = pipeline._finish_all(calls)
+    finally:
+        if isinstance(cache, SQLiteCache):
+            cache._db().set_trace_callback(None)
+    assert [ok for ok, _ in outcomes] == [True] * 5
+    found = response_cache.cache_lookup_many(_keys(calls))
+    assert [found[key].text for key in _keys(calls)] == [f"answer {n}" for n in range(5)]
+    if isinstance(cache, SQLiteCache):
+        # One transaction for the five, and one read of the staff switch.
+        writes = [i for i, sql in enumerate(statements) if "chat:response:test-" in sql]
+        assert len(writes) == 5
+        begins = [i for i, sql in enumerate(statements) if sql == "BEGIN IMMEDIATE"]
+        begin = max(i for i in begins if i < writes[0])
+        commit = statements.index("COMMIT", writes[-1])
+        assert begin < writes[0] and writes[-1] < commit
+        inside = statements[begin + 1 : commit]
+        assert not any(sql.startswith(("BEGIN", "COMMIT")) for sql in inside)
+        assert sum("response-cache:off" in sql for sql in statements) == 1
+
+
+def test_a_reply_that_could_not_be_stored_is_not_kept_in_the_response_cache(owners):
+    accepted = _pending(owners)
+
+    def poison(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if params and "poison" in params:
+            raise OperationalError("canceling statement due to statement timeout")
+        return execute(sql, params, many, context)
+
+    calls = [_kept(a, "poison" if n == 1 else f"answer {n}") for n, a in enumerate(accepted)]
+    with connections["default"].execute_wrapper(poison):
+        outcomes = pipeline._finish_all(calls)
+    assert [ok for ok, _ in outcomes] == [True, False, True, True, True]
+    found = response_cache.cache_lookup_many(_keys(calls))
+    assert sorted(found[key].text for key in found) == [f"answer {n}" for n in (0, 2, 3, 4)]
+
+
+def test_a_response_cache_that_cannot_be_reached_costs_the_replies_nothing(
+    owners, settings, caplog
+):
+    accepted = _pending(owners)
+    settings.CACHES = {**settings.CACHES, "default": DEAD_REDIS}
+    outcomes = pipeline._finish_all([_kept(a, f"answer {n}") for n, a in enumerate(accepted)])
+    assert [ok for ok, _ in outcomes] == [True] * 5
+    assert _finished(accepted) == [("finished", f"answer {n}") for n in range(5)]
+    logged = "response cache unavailable (ConnectionError): the answers of 5 replies not kept"
+    assert logged in caplog.text

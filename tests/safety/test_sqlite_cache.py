@@ -27,6 +27,25 @@ def test_add_writes_only_an_absent_or_expired_key(tmp_path):
     assert cache.add("forever", 5, timeout=None) is False
 
 
+def test_get_many_reads_what_get_reads_in_a_statement_per_500_keys(tmp_path):
+    cache = make(tmp_path)
+    values = {f"k{n}": {"text": f"reply {n}"} for n in range(1200)}
+    values.update({"int": 7, "flag": False, "text": "plain"})
+    cache.set_many(values, timeout=60)
+    cache.set("expired", "old", timeout=-1)
+    statements: list[str] = []
+    cache._db().set_trace_callback(statements.append)
+    try:
+        found = cache.get_many([*values, "expired", "absent"])
+    finally:
+        cache._db().set_trace_callback(None)
+    assert found == values  # the caller's own keys, without the expired or absent ones
+    assert found["flag"] is False and found["int"] == 7
+    assert len(statements) == 3  # 1,205 keys: 500 + 500 + 205
+    cache.set("v", "second", version=2)
+    assert cache.get_many(["v", "k1"], version=2) == {"v": "second"}
+
+
 def test_counting_from_many_threads_and_instances_loses_nothing(tmp_path):
     # Django keeps a cache instance per async context: they share the file.
     caches = [make(tmp_path) for _ in range(4)]
