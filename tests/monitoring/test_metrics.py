@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,42 @@ def _recorder(directory: Path, count: int, mode: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+async def test_a_reply_samples_the_process_off_the_event_loop_and_at_most_every_10_s(
+    monkeypatch,
+):
+    # The sample reads a link per open descriptor: with thousands of sockets
+    # it would stall every stream of the process if it ran on the loop.
+    sampled: list[threading.Thread] = []
+    done = threading.Event()
+    real = metrics.process_sample
+
+    def spy() -> None:
+        sampled.append(threading.current_thread())
+        real()
+        done.set()
+
+    monkeypatch.setattr(metrics, "process_sample", spy)
+    monkeypatch.setattr(metrics, "_last_process_sample", 0.0)  # a sample is due
+
+    def reply() -> None:
+        metrics.reply_observed(
+            model="demo:demo",
+            outcome="stop",
+            ttft_s=0.1,
+            duration_s=0.5,
+            prompt_tokens=10,
+            completion_tokens=20,
+            cost_usd=0.0,
+            error_code="",
+        )
+
+    reply()
+    assert done.wait(10)
+    assert sampled[0] is not threading.current_thread()
+    reply()  # within 10 s of the last sample: none
+    assert len(sampled) == 1
 
 
 def test_metrics_add_up_across_processes_and_forget_dead_ones(tmp_path, monkeypatch, db):
