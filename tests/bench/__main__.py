@@ -113,6 +113,26 @@ def describe(name: str, result: PhaseResult, server_cpu: float, expected: int) -
     return text
 
 
+def where_gaps_fall(name: str, replies: list[Reply]) -> str:
+    """Say when the worst 1 % of the replies' longest gaps ended, and at which frame.
+
+    Times are from the phase's first send (perf_counter is one clock for
+    every process of the machine).
+    """
+    if not replies:
+        return f"{name}: no replies"
+    start = min(r.sent_at for r in replies)
+    worst = sorted(replies, key=lambda r: r.max_gap)[-max(1, len(replies) // 100) :]
+    ends = sorted(r.sent_at - start + r.max_gap_at for r in worst)
+    frames = sorted(r.max_gap_frame for r in worst)
+    per_reply = sorted(r.frames for r in replies)[len(replies) // 2]
+    return (
+        f"{name}: the worst 1% of longest gaps ({worst[0].max_gap * 1000:.0f}-"
+        f"{worst[-1].max_gap * 1000:.0f} ms) ended {ends[0]:.2f}-{ends[-1]:.2f} s into "
+        f"the phase, at delta frames {frames[0]}-{frames[-1]} (a reply's median: {per_reply})"
+    )
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -313,6 +333,7 @@ class Bench:
                 "app" if which != "floor" else "floor",
                 pct([r.ttft * 1000 for r in good if r.ttft is not None], 99),
             )
+            self.report.note(where_gaps_fall(f"{which} {prefix}", good))
             row = self.report.row("", f"{prefix} longest gap p99", "ms")
             setattr(
                 row,

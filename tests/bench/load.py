@@ -49,6 +49,8 @@ class Reply:
     ttft: float | None = None
     accepted: float | None = None  # send -> chat.accepted
     max_gap: float = 0.0
+    max_gap_at: float = 0.0  # when the longest gap ended, seconds after the send
+    max_gap_frame: int = 0  # the delta frame that ended it (1 = the second frame)
     frames: int = 0
     tokens: int = 0
     finish: str = ""
@@ -114,6 +116,8 @@ async def _reply(
                         reply.ttft = now - reply.sent_at
                     elif now - last > reply.max_gap:
                         reply.max_gap = now - last
+                        reply.max_gap_at = now - reply.sent_at
+                        reply.max_gap_frame = reply.frames
                     last = now
                     reply.frames += 1
                 elif kind == "chat.accepted":
