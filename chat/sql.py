@@ -7,8 +7,8 @@ its pending reply, bump the conversation, finish the reply), so these build
 their SQL once per database vendor from the model's metadata and then only
 convert values, with each field's own `get_db_prep_save`: the same
 conversion the ORM applies, so what is stored is identical (a str for a text
-field, an int for an integer one or a float for a float one, which that
-conversion would return as it is, skips the call).
+field, an int for an integer one, a float for a float one or a bool for a
+boolean one, which that conversion would return as it is, skips the call).
 
 Everything else keeps using the ORM; a model change reaches these statements
 through `_meta`, and the tests that store and read messages cover both.
@@ -31,8 +31,8 @@ def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
 
 
 # Field kinds whose conversion hands a value of exactly this type to the
-# database as it is (get_prep_value is str(), int() or float() of it, and the
-# vendor adapts nothing), so such a value skips the call.
+# database as it is (get_prep_value is str(), int(), float() or bool() of
+# it, and the vendor adapts nothing), so such a value skips the call.
 _PASSES_AS_IS: dict[str, type] = {
     "CharField": str,
     "TextField": str,
@@ -46,6 +46,7 @@ _PASSES_AS_IS: dict[str, type] = {
     "PositiveBigIntegerField": int,
     "PositiveSmallIntegerField": int,
     "FloatField": float,
+    "BooleanField": bool,
 }
 
 
@@ -157,6 +158,8 @@ class Update:
         self.set_fields = [_field(model, name) for name in set_fields]
         self.where = [_field(model, name) for name in where]
         self.where_null = [_field(model, name) for name in where_null]
+        # Per field: the type its conversion leaves as it is (with None).
+        self._as_is = [_passes_as_is(f) for f in (*self.set_fields, *self.where)]
         self._sql: dict[str, str] = {}
 
     def _build(self, conn: BaseDatabaseWrapper) -> str:
@@ -172,9 +175,15 @@ class Update:
     def run(self, *, where: Sequence[Any], **values: Any) -> int:
         conn = connections[DEFAULT_DB_ALIAS]
         sql = self._sql.get(conn.vendor) or self._sql.setdefault(conn.vendor, self._build(conn))
-        params = [f.get_db_prep_save(values[f.attname], conn) for f in self.set_fields]
-        params += [
-            f.get_db_prep_save(value, conn) for f, value in zip(self.where, where, strict=True)
+        given: list[Any] = [values[f.attname] for f in self.set_fields]
+        given += where
+        params: list[Any] = [
+            value
+            if kind is not None and (value is None or type(value) is kind)
+            else f.get_db_prep_save(value, conn)
+            for f, kind, value in zip(
+                (*self.set_fields, *self.where), self._as_is, given, strict=True
+            )
         ]
         with conn.cursor() as cursor:
             cursor.execute(sql, params)

@@ -93,6 +93,24 @@ def test_insert_stores_what_the_orm_stores(conversation):
         assert _stored(ids[0], first) == _stored(ids[1], second) == orm_row
 
 
+def test_update_stores_what_the_orm_stores(conversation):
+    earlier = Message.objects.create(conversation=conversation, role="user", content="earlier")
+    for case in _cases(conversation, earlier):
+        values = {k: v for k, v in case.items() if k != "client_msg_id"}
+        by_orm, by_update = (
+            Message.objects.create(conversation=conversation, role="assistant", status="pending")
+            for _ in range(2)
+        )
+        Message.objects.filter(pk=by_orm.pk).update(**values)
+        update = sql.Update(Message, set_fields=list(values), where=["id", "status"])
+        assert update.run(where=[by_update.pk, Message.Status.PENDING], **values) == 1
+        assert _stored(by_update.pk, {}) == _stored(by_orm.pk, {})
+        # The WHERE values are converted too, and a row that no longer matches is left alone.
+        assert update.run(where=[str(by_update.pk), "pending"], **values) == int(
+            values.get("status", "pending") == "pending"
+        )
+
+
 def test_run_many_returns_each_rows_id_in_order(conversation):
     rows = [
         {"conversation_id": conversation.pk, "role": "user", "content": f"message {n}"}
