@@ -317,19 +317,33 @@ async def test_a_settling_batch_holds_collections_until_its_callers_resumed():
 
     assert gc.isenabled()
     release = threading.Event()
-    seen: list[tuple[str, bool]] = []
+    seen: list[tuple[str, int, bool]] = []
 
     def run(calls: list[Call]) -> list[Outcome]:
         if calls[0].kwargs["n"] == 0:
             release.wait(timeout=10)
-        seen.append(("trip", gc.isenabled()))
+        for call in calls:
+            seen.append(("trip", call.kwargs["n"], gc.isenabled()))
         return [(True, call.kwargs["n"]) for call in calls]
 
     batched = Batched.grouped(run, settle=True)
+    started: list[asyncio.Task[None]] = []
+
+    async def acknowledge(n: int) -> None:
+        seen.append(("acknowledged", n, gc.isenabled()))
+
+    async def reply(n: int) -> None:
+        # As a reply does: its first step starts the task that sends chat.accepted.
+        started.append(asyncio.get_running_loop().create_task(acknowledge(n)))
+        seen.append(("reply", n, gc.isenabled()))
+
+    def then(n: int) -> None:
+        seen.append(("then", n, gc.isenabled()))
+        started.append(asyncio.get_running_loop().create_task(reply(n)))
 
     async def call(n: int) -> int:
-        value = await batched(n=n, then=lambda _v: seen.append(("then", gc.isenabled())))
-        seen.append(("resumed", gc.isenabled()))
+        value = await batched(n=n, then=then)
+        seen.append(("resumed", n, gc.isenabled()))
         return value
 
     first = asyncio.ensure_future(call(0))
@@ -337,10 +351,18 @@ async def test_a_settling_batch_holds_collections_until_its_callers_resumed():
     rest = [asyncio.ensure_future(call(n)) for n in range(1, 4)]
     release.set()
     assert await asyncio.gather(first, *rest) == [0, 1, 2, 3]
-    # The lone first trip held nothing; the burst's trip, hooks and callers
-    # ran with collections held, and they run again afterwards.
-    assert seen[:3] == [("trip", True), ("then", True), ("resumed", True)]
-    assert seen[3:] == [("trip", False)] + [("then", False)] * 3 + [("resumed", False)] * 3
+    await asyncio.gather(*started)
+    steps = ["trip", "then", "reply", "resumed", "acknowledged"]
+    # The lone first trip held nothing.
+    assert [(kind, enabled) for kind, n, enabled in seen if n == 0][:2] == [
+        ("trip", True),
+        ("then", True),
+    ]
+    # The burst's trip, its hooks, the replies they started, its callers and
+    # the replies' acknowledgements all ran with collections held ...
+    burst = sorted((kind, n, enabled) for kind, n, enabled in seen if n > 0)
+    assert burst == sorted((kind, n, False) for kind in steps for n in range(1, 4))
+    # ... and they run again afterwards.
     await asyncio.sleep(0)
     assert gc.isenabled()
 
