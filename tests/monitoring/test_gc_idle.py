@@ -75,6 +75,26 @@ def test_a_busy_process_is_left_to_the_collectors_own_thresholds(collector):
     assert garbage() is None
 
 
+def test_a_scan_waits_for_a_second_look_and_spares_a_burst_that_just_began(collector):
+    idle, clocks = collector
+    garbage = _cycle_in_the_middle_generation()
+    clocks.period(0.5, busy_share=0.6)
+    assert idle._check() is False  # busy: no second look, nothing scanned
+    clocks.period(0.5, busy_share=0.0)
+    assert idle._check() is True  # idle, and a scan is due: look again first
+    assert garbage() is not None
+    # Messages arrived right after the first look: the scan would have
+    # landed in their time to first token.
+    clocks.period(gc_idle.CONFIRM_S, busy_share=1.0)
+    assert idle._confirm() is None
+    assert garbage() is not None
+    clocks.period(0.5, busy_share=0.0)  # the burst is over
+    assert idle._check() is True
+    clocks.period(gc_idle.CONFIRM_S, busy_share=0.0)
+    assert idle._confirm() in (1, 2)
+    assert garbage() is None
+
+
 def test_full_collections_run_at_most_every_full_every_s(collector):
     idle, clocks = collector
     gc.collect(1)  # a middle-generation scan since the last full one
