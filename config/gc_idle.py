@@ -67,8 +67,7 @@ class IdleCollector:
         again = False
         try:
             cpu, at = self._cpu_clock(), self._wall_clock()
-            idle = (cpu - self._cpu) / max(at - self._at, 1e-6) < IDLE_SHARE
-            again = idle and self._due(at) is not None
+            again = self._busy(cpu, at) < IDLE_SHARE and self._due(at) is not None
             # The second look measures only what happens from here on.
             self._cpu, self._at = cpu, at
         finally:
@@ -87,6 +86,10 @@ class IdleCollector:
             if not self._loop.is_closed():
                 self._loop.call_later(CHECK_S, self._check)
 
+    def _busy(self, cpu: float, at: float) -> float:
+        """Return the share of a core used since the last look."""
+        return (cpu - self._cpu) / max(at - self._at, 1e-6)
+
     def _due(self, at: float) -> int | None:
         if at - self._full_at >= FULL_EVERY_S and gc.get_count()[2] > 0:
             return 2
@@ -97,8 +100,7 @@ class IdleCollector:
     def maybe_collect(self) -> int | None:
         """Collect if the process was idle since the last look; return the generation."""
         cpu, at = self._cpu_clock(), self._wall_clock()
-        busy = (cpu - self._cpu) / max(at - self._at, 1e-6)
-        generation = self._due(at) if busy < IDLE_SHARE else None
+        generation = self._due(at) if self._busy(cpu, at) < IDLE_SHARE else None
         if generation is not None:
             gc.collect(generation)
             if generation == 2:
