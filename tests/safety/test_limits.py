@@ -85,6 +85,61 @@ def test_anonymous_visitors_on_other_ips_are_counted_apart(db, settings):
         check_send_limits(owner=Owner(user_id=1), client_ip="10.0.0.3")
 
 
+def test_anonymous_ipv6_visitors_are_counted_per_64_network(db, settings):
+    # One host can hold a whole /64: its addresses share a count.
+    from chat.errors import RateLimited
+    from chat.owners import Owner
+    from chat.safety.limits import check_send_limits
+
+    settings.CHAT_RATELIMIT_ANON = "1/m"
+    check_send_limits(owner=Owner(user_id=None, session_key="s1"), client_ip="2001:db8:1:2::10")
+    with pytest.raises(RateLimited):
+        check_send_limits(owner=Owner(user_id=None, session_key="s2"), client_ip="2001:db8:1:2::99")
+    check_send_limits(owner=Owner(user_id=None, session_key="s3"), client_ip="2001:db8:1:3::10")
+
+
+def test_a_window_ends_when_its_retry_after_says(db, settings, monkeypatch):
+    from chat.errors import RateLimited
+    from chat.owners import Owner
+    from chat.safety import limits
+
+    settings.CHAT_RATELIMIT_USER = "2/m"
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(limits.time, "time", lambda: now[0])
+    owner = Owner(user_id=7)
+    limits.check_send_limits(owner=owner, client_ip="")
+    limits.check_send_limits(owner=owner, client_ip="")
+    with pytest.raises(RateLimited) as refused:
+        limits.check_send_limits(owner=owner, client_ip="")
+    wait = refused.value.retry_after
+    assert wait is not None and 1 <= wait <= 60
+    now[0] += wait - 1.5
+    with pytest.raises(RateLimited):  # still the same window
+        limits.check_send_limits(owner=owner, client_ip="")
+    now[0] += 1.5
+    limits.check_send_limits(owner=owner, client_ip="")  # a new window
+    # Other users' windows end at other times (an offset per user), not all at once.
+    ends = set()
+    for user_id in range(20):
+        other = Owner(user_id=1000 + user_id)
+        limits.check_send_limits(owner=other, client_ip="")
+        limits.check_send_limits(owner=other, client_ip="")
+        with pytest.raises(RateLimited) as refused:
+            limits.check_send_limits(owner=other, client_ip="")
+        ends.add(refused.value.retry_after)
+    assert len(ends) > 1
+
+
+def test_rate_limits_can_be_switched_off(db, settings):
+    from chat.owners import Owner
+    from chat.safety.limits import check_send_limits
+
+    settings.CHAT_RATELIMIT_USER = "1/m"
+    settings.RATELIMIT_ENABLE = False
+    for _ in range(3):
+        check_send_limits(owner=Owner(user_id=1), client_ip="10.0.0.1")
+
+
 def test_checking_a_send_reads_no_setting_that_is_not_defined(db, monkeypatch):
     # django-ratelimit reads its settings with getattr(settings, name,
     # default) on every send; for a name that is not defined Django raises
