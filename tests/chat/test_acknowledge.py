@@ -35,6 +35,7 @@ def _accept(owners: list[Owner], texts: list[str]) -> list[Any]:
                 ),
                 "content": text,
                 "injection": None,
+                "screen": None,
             },
         )
         for owner, text in zip(owners, texts, strict=True)

@@ -45,6 +45,7 @@ def _pending(owners: list[Owner]) -> list[Any]:
                 ),
                 "content": f"question {n}",
                 "injection": None,
+                "screen": None,
             }
         )
         for n, owner in enumerate(owners)
