@@ -92,3 +92,15 @@ def test_without_a_readable_cache_every_read_goes_to_the_database(clock, monkeyp
     assert versions.version_for(conversation_id=1).version_id == v2.pk
     _switch_without_signals(v1)
     assert versions.version_for(conversation_id=1).version_id == v1.pk
+
+
+def test_the_settings_profile_is_built_once_and_follows_a_settings_change(settings):
+    settings.CHAT_MODEL = "demo:one"
+    first = versions.settings_profile()
+    assert first.model == "demo:one" and versions.settings_profile() is first
+    settings.CHAT_MODEL = "demo:two"
+    settings.CHAT_FALLBACK_MODELS = ["demo:three"]
+    assert versions.settings_profile().model == "demo:two"
+    assert versions.settings_profile().fallbacks == ("demo:three",)
+    # With no version, a conversation is answered by that profile.
+    assert versions.version_for(conversation_id=1).model == "demo:two"

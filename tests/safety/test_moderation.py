@@ -392,3 +392,17 @@ async def test_gate_releases_a_slow_stream_token_by_token_as_it_arrives():
         released.append(await g.feed(token))
     assert released == [[token] for token in tokens]
     assert moderator.checked == len(tokens)
+
+
+def test_the_moderator_is_built_once_and_follows_a_settings_change(settings):
+    from chat.safety.moderation import moderator_from_settings
+
+    settings.CHAT_MODERATION_OPENAI = False
+    settings.CHAT_MODERATION_THRESHOLD = 0.9
+    rules = moderator_from_settings()
+    assert isinstance(rules, RulesModerator) and rules.threshold == 0.9
+    assert moderator_from_settings() is rules
+    settings.CHAT_MODERATION_THRESHOLD = 0.5
+    assert moderator_from_settings().threshold == 0.5  # type: ignore[union-attr]
+    settings.CHAT_MODERATION_OPENAI = True
+    assert isinstance(moderator_from_settings(), ModeratorChain)
