@@ -167,7 +167,8 @@ def _screen_all(calls: list[Call], outcomes: list[Outcome | None]) -> None:
     One after another, the patterns and their compiled programs stay in the
     CPU's caches: a message's injection score and input moderation took
     ~80 us when each was checked as its frame was read, between the server's
-    other work, against ~35 us here (make bench (c), 1,000 messages at once).
+    other work, against ~40-50 us here (make bench (c), 1,000 messages at
+    once, on a 2-core machine).
     A refused message gets its outcome; the others' scores go with them.
     """
     for i, call in enumerate(calls):
