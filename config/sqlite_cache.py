@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS cache (
 # Keys a `get_many` statement reads: within the 999 variables an SQLite
 # build may allow in a statement (before 3.32), with one for the time.
 _KEYS_PER_READ = 500
+# Counters a `count_many` statement writes (two variables each, and the time).
+_COUNTERS_PER_WRITE = 400
 
 
 # One connection per thread and file, shared by every instance: Django keeps
@@ -240,6 +242,45 @@ class SQLiteCache(BaseCache):
         if row is None:
             raise ValueError(f"Key '{key}' not found")
         return int(row[0])
+
+    def count_many(self, counters: list[tuple[str, float]]) -> list[int | None]:
+        """Add one to each counter, made at 1 with its timeout if absent or expired.
+
+        `counters` are (key, timeout in seconds); a key may come more than
+        once and is then counted once for each, in order. Returns each
+        counter's value after its increment, or None for a key that holds
+        something other than an integer. One statement per _COUNTERS_PER_WRITE
+        counters, instead of an add (and an incr) each.
+        """
+        keys = [self.make_and_validate_key(key) for key, _timeout in counters]
+        now = time.time()
+        found: dict[str, list[int]] = {}
+        db = self._db()
+        for start in range(0, len(counters), _COUNTERS_PER_WRITE):
+            lot = counters[start : start + _COUNTERS_PER_WRITE]
+            params: list[Any] = []
+            for key, (_name, timeout) in zip(keys[start : start + len(lot)], lot, strict=True):
+                params += (key, now + timeout)
+            params += (now, now, now)
+            # An expired counter starts again at 1 with its new timeout.
+            rows = db.execute(
+                "INSERT INTO cache (key, value, expires) VALUES "  # noqa: S608 - placeholders only
+                + ", ".join(["(?, 1, ?)"] * len(lot))
+                + " ON CONFLICT (key) DO UPDATE SET"
+                " value = CASE WHEN cache.expires <= ? THEN 1 ELSE cache.value + 1 END,"
+                " expires = CASE WHEN cache.expires <= ? THEN excluded.expires"
+                " ELSE cache.expires END"
+                " WHERE typeof(cache.value) = 'integer' OR cache.expires <= ?"
+                " RETURNING key, value",
+                params,
+            ).fetchall()
+            for key, value in rows:
+                found.setdefault(key, []).append(int(value))
+        # A key counted twice in a statement comes back twice: the lower
+        # value is the earlier occurrence's.
+        for values in found.values():
+            values.sort(reverse=True)
+        return [found[key].pop() if found.get(key) else None for key in keys]
 
     def decr(self, key: str, delta: int = 1, version: int | None = None) -> int:
         return self.incr(key, -delta, version=version)

@@ -72,3 +72,22 @@ class FailSoftRedisCache(SharedRedisCache):
         except RedisError as exc:
             self._failed("delete", exc)
             return False
+
+    def count_many(self, counters: list[tuple[str, float]]) -> list[int | None]:
+        """Add one to each counter, made with its timeout if absent; one round trip for all.
+
+        As SQLiteCache.count_many: a key may come more than once. On a Redis
+        error every count is None (the store is down).
+        """
+        keys = [self.make_and_validate_key(key) for key, _timeout in counters]
+        try:
+            # MULTI/EXEC: no counter expires between its SET and its INCR.
+            pipe = self._cache.get_client(None, write=True).pipeline(transaction=True)
+            for key, (_name, timeout) in zip(keys, counters, strict=True):
+                pipe.set(key, 0, px=max(1, int(timeout * 1000)), nx=True)
+                pipe.incr(key)
+            replies = pipe.execute()
+        except RedisError as exc:
+            self._failed("count_many", exc)
+            return [None] * len(counters)
+        return [int(value) for value in replies[1::2]]

@@ -17,7 +17,7 @@ from django.test.utils import CaptureQueriesContext
 
 from chat import pipeline, response_cache
 from chat.batching import Call
-from chat.errors import BlockedInput, BudgetExceeded, NotFound
+from chat.errors import BlockedInput, BudgetExceeded, NotFound, RateLimited
 from chat.models import Message
 from chat.owners import Owner
 from chat.safety import InjectionVerdict, limits, moderation
@@ -102,6 +102,19 @@ def test_a_batch_screens_its_messages_and_refuses_only_those_it_blocks(owners, s
         key = limits._violation_key(owners[name].key)
         assert limits._counters().get(key) == 1
     assert limits._counters().get(limits._violation_key(owners["alice"].key)) is None
+
+
+def test_a_batch_counts_one_users_sends_in_order_against_the_rate(owners, settings):
+    settings.CHAT_RATELIMIT_USER = "2/m"
+    calls = [_call(owners["alice"], f"message {n}") for n in range(3)] + [_call(owners["bob"])]
+    outcomes = pipeline._admit_all(calls)
+    assert [ok for ok, _ in outcomes] == [True, True, False, True]
+    assert isinstance(outcomes[2][1], RateLimited)
+    # Counted: the next send of hers is refused too, and his is not.
+    [(ok, refused), (again, _)] = pipeline._admit_all(
+        [_call(owners["alice"]), _call(owners["bob"])]
+    )
+    assert not ok and isinstance(refused, RateLimited) and again
 
 
 def test_a_big_batch_commits_every_sends_per_commit_sends(owners, commits, monkeypatch):
@@ -189,9 +202,9 @@ def test_a_batch_counts_its_limits_in_one_cache_transaction(owners, sqlite_cache
     finally:
         db.set_trace_callback(None)
     assert [ok for ok, _ in outcomes] == [True, True, True]
-    # django-ratelimit's counters: one for each send.
+    # The three sends' rate counters: one statement for the batch.
     writes = [i for i, sql in enumerate(statements) if ":rl:" in sql and "SELECT" not in sql]
-    assert len(writes) == 3
+    assert len(writes) == 1
     begin, commit = statements.index("BEGIN IMMEDIATE"), statements.index("COMMIT")
     assert begin < min(writes) and max(writes) < commit
     assert statements.count("BEGIN IMMEDIATE") == 1

@@ -59,3 +59,14 @@ def test_sign_in_still_works_with_the_store_down(make_user, store_down):
     make_user("alice")
     response = Client().post("/accounts/login/", {"username": "alice", "password": "pw-123456!"})
     assert response.status_code == 302
+
+
+def test_counting_many_with_the_store_down_counts_none(store_down, caplog, monkeypatch):
+    from django.core.cache import caches
+
+    from chat.safety.cache import FailSoftRedisCache
+
+    monkeypatch.setattr(FailSoftRedisCache, "_last_warning", 0.0)  # one warning per 30 s
+
+    assert caches["ratelimit"].count_many([("a", 60), ("b", 60)]) == [None, None]
+    assert "rate-limit cache unavailable (count_many)" in caplog.text

@@ -153,3 +153,36 @@ def test_the_configured_caches_take_any_key_without_a_memcached_warning(alias):
         assert cache.get(key) == 2
         cache.delete(key)
     assert cache.get(key) is None
+
+
+def test_count_many_counts_each_key_in_order_with_a_statement_per_400(tmp_path):
+    cache = make(tmp_path)
+    cache.set("expired", 9, timeout=-1)
+    cache.set("text", "not a number", timeout=60)
+    counters = [("a", 60), ("b", 60), ("a", 60), ("expired", 60), ("text", 60)]
+    assert cache.count_many(counters) == [1, 1, 2, 1, None]
+    assert cache.get("a") == 2 and cache.get("expired") == 1 and cache.get("text") == "not a number"
+    statements: list[str] = []
+    cache._db().set_trace_callback(statements.append)
+    try:
+        counts = cache.count_many([(f"k{n % 600}", 60) for n in range(1000)])
+    finally:
+        cache._db().set_trace_callback(None)
+    assert counts == [1] * 600 + [2] * 400
+    assert len(statements) == 3  # 400 + 400 + 200
+
+
+@pytest.mark.django_db
+def test_the_rate_limit_store_counts_many_at_once(django_db_blocker):
+    # The configured store: this SQLite file, or Redis in the scaled pass.
+    import uuid
+
+    from django.core.cache import caches
+
+    cache = caches["ratelimit"]
+    a, b = f"count-many-{uuid.uuid4()}", f"count-many-{uuid.uuid4()}"
+    assert cache.count_many([(a, 60), (b, 60), (a, 60)]) == [1, 1, 2]
+    assert cache.count_many([(a, 60)]) == [3]
+    assert cache.get(a) == 3
+    cache.delete(a)
+    cache.delete(b)
