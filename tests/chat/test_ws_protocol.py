@@ -220,3 +220,15 @@ async def test_without_a_session_sending_is_forbidden(ws):
     forged = await ws("sessionid=made-up-session-key-1234567890")
     await send(forged, send_frame("who am I?"))
     assert (await recv(forged))["code"] == "forbidden"
+
+
+def test_a_replys_streaming_settings_are_read_once_and_follow_a_change(settings):
+    from chat import pipeline
+
+    settings.CHAT_COALESCE_MS = 40
+    settings.CHAT_MODERATION_WINDOW_TOKENS = 5
+    first = pipeline._streaming_settings()
+    assert first.coalesce_s == 0.04 and first.window_tokens == 5
+    assert pipeline._streaming_settings() is first
+    settings.CHAT_MODERATION_WINDOW_TOKENS = 3
+    assert pipeline._streaming_settings().window_tokens == 3
