@@ -318,14 +318,17 @@ def count_sends(sends: list[tuple[Owner, str]]) -> list[Counted | None]:
     cache = _counters()
     count_many = getattr(cache, "count_many", None)
     counts: list[int | None]
-    if count_many is None:  # another store: one add (and incr) each
-        counts = [_add_or_incr(cache, key, timeout) for key, timeout in counters]
-    else:
-        try:
+    try:
+        if count_many is None or len(counters) == 1:
+            # Another store, or a lone send: one add (and incr) each. For one
+            # counter the add is cheaper than the upsert that returns its rows
+            # (~8 against ~14 us a statement on SQLite, before Python's part).
+            counts = [_add_or_incr(cache, key, timeout) for key, timeout in counters]
+        else:
             counts = count_many(counters)
-        except Exception as exc:  # the SQLite file locked past its timeout, unwritable...
-            logger.warning("rate-limit counters unavailable (%s)", type(exc).__name__)
-            counts = [None] * len(counters)
+    except Exception as exc:  # the SQLite file locked past its timeout, unwritable...
+        logger.warning("rate-limit counters unavailable (%s)", type(exc).__name__)
+        counts = [None] * len(counters)
     for (i, _key, limit, ends), count in zip(todo, counts, strict=True):
         answers[i] = (limit, ends - now, count)
     return answers

@@ -117,6 +117,24 @@ def test_a_batch_counts_one_users_sends_in_order_against_the_rate(owners, settin
     assert not ok and isinstance(refused, RateLimited) and again
 
 
+def test_counters_that_cannot_be_written_fall_back_to_this_process(
+    owners, settings, monkeypatch, caplog
+):
+    # Decision 0004: a counter store that fails is down, not a failed send.
+    settings.CHAT_RATELIMIT_USER = "1/m"
+
+    def locked(self: Any, counters: Any) -> Any:
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(type(caches["ratelimit"]), "count_many", locked)
+    monkeypatch.setattr(limits, "_local", limits._LocalWindows())
+    calls = [_call(owners["alice"]), _call(owners["bob"]), _call(owners["alice"])]
+    outcomes = pipeline._admit_all(calls)
+    assert [ok for ok, _ in outcomes] == [True, True, False]
+    assert isinstance(outcomes[2][1], RateLimited)  # counted here instead
+    assert "rate-limit counters unavailable (OperationalError)" in caplog.text
+
+
 def test_a_big_batch_commits_every_sends_per_commit_sends(owners, commits, monkeypatch):
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
     monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
