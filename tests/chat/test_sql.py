@@ -161,3 +161,27 @@ def test_only_plain_defaults_are_written_into_a_statement():
     # Anything that would need escaping, and what is not plainly typed, stays bound.
     for value in ("it's", "50%", "back\\slash", "ünï", "two\nlines", 1.5, Decimal("0")):
         assert sql._literal(value, "sqlite") is None
+
+
+def test_the_statements_keep_one_cursor_yet_are_logged_when_queries_are(conversation, monkeypatch):
+    from django.test.utils import CaptureQueriesContext
+
+    made: list[int] = []
+    create = connection.create_cursor
+
+    def counted(name: Any = None) -> Any:
+        made.append(1)
+        return create(name)
+
+    monkeypatch.setattr(connection, "create_cursor", counted)
+    insert = sql.Insert(Message)
+    ids = [
+        insert.run(conversation_id=conversation.pk, role="user", content=f"kept {n}")
+        for n in range(4)
+    ]
+    assert len(set(ids)) == 4
+    assert len(made) <= 1  # one cursor for them all (none if an earlier test made it)
+    with CaptureQueriesContext(connection) as captured:
+        insert.run(conversation_id=conversation.pk, role="user", content="logged")
+    assert [q["sql"].split()[0] for q in captured.captured_queries] == ["INSERT"]
+    assert Message.objects.filter(content__in=["kept 3", "logged"]).count() == 2
