@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import sqlite3
 import uuid
@@ -26,7 +27,6 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.core.signals import setting_changed
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connections, transaction
 from django.utils import timezone
 
@@ -44,6 +44,7 @@ from chat.safety.errors import InvalidInput as TextRefused
 from chat.safety.input import check_user_text
 from chat.safety.pii import redact
 from chat.services import Accepted
+from chat.snapshots import from_settings
 from chat.streaming import DeltaSender, Emit
 from feedback.versions import version_for
 from monitoring import metrics
@@ -100,30 +101,17 @@ async def chat_accept(
         raise Forbidden("Your session has expired. Reload the page to keep chatting.")
     if owner.is_anonymous and not settings.CHAT_ALLOW_ANONYMOUS:
         raise Forbidden("Please sign in to chat.")
+    admit = functools.partial(
+        _admit_batched, then=then, owner=owner, client_ip=client_ip, request=request
+    )
     if request.regenerate_id is not None:
-        return await _admit_batched(
-            then=then,
-            owner=owner,
-            client_ip=client_ip,
-            request=request,
-            content="",
-            injection=None,
-            screen=None,
-        )
+        return await admit(content="", injection=None, screen=None)
     content = check_message_text(request.content)
     moderator = moderation.moderator_from_settings()
     if isinstance(moderator, moderation.RulesModerator):
         # Scored and moderated in the admission trip (_screen_all), where a
         # burst's messages go through the patterns one after another.
-        return await _admit_batched(
-            then=then,
-            owner=owner,
-            client_ip=client_ip,
-            request=request,
-            content=content,
-            injection=None,
-            screen=moderator,
-        )
+        return await admit(content=content, injection=None, screen=moderator)
     # A moderation vendor is called from the event loop, before the trip.
     injection = injection_score(content)
     if _input_refused(injection, await moderator.check(content, stage="input")):
@@ -131,15 +119,7 @@ async def chat_accept(
             owner=owner, client_ip=client_ip, kind="blocked_input"
         )
         raise BlockedInput()
-    return await _admit_batched(
-        then=then,
-        owner=owner,
-        client_ip=client_ip,
-        request=request,
-        content=content,
-        injection=injection,
-        screen=None,
-    )
+    return await admit(content=content, injection=injection, screen=None)
 
 
 def _input_refused(injection: InjectionVerdict, verdict: moderation.Verdict | None) -> bool:
@@ -543,35 +523,22 @@ class _StreamingSettings:
     max_hold_s: float
 
 
-_streaming: _StreamingSettings | None = None
-
-
+@from_settings
 def _streaming_settings() -> _StreamingSettings:
     """Return the streaming settings, read once and again after a settings change.
 
     Every reply's start reads them (eight settings, ~6 us on the event loop
     on a 2-core machine; a burst starts a thousand replies at once).
     """
-    global _streaming
-    if _streaming is None:
-        _streaming = _StreamingSettings(
-            coalesce_s=settings.CHAT_COALESCE_MS / 1000,
-            coalesce_max_chars=settings.CHAT_COALESCE_MAX_CHARS,
-            window_tokens=settings.CHAT_MODERATION_WINDOW_TOKENS,
-            window_chars=settings.CHAT_MODERATION_WINDOW_CHARS,
-            context_chars=settings.CHAT_MODERATION_CONTEXT_CHARS,
-            first_window_tokens=settings.CHAT_MODERATION_FIRST_WINDOW_TOKENS,
-            max_hold_s=settings.CHAT_MODERATION_MAX_HOLD_MS / 1000,
-        )
-    return _streaming
-
-
-def _forget_streaming_settings(**_: object) -> None:
-    global _streaming
-    _streaming = None
-
-
-setting_changed.connect(_forget_streaming_settings)
+    return _StreamingSettings(
+        coalesce_s=settings.CHAT_COALESCE_MS / 1000,
+        coalesce_max_chars=settings.CHAT_COALESCE_MAX_CHARS,
+        window_tokens=settings.CHAT_MODERATION_WINDOW_TOKENS,
+        window_chars=settings.CHAT_MODERATION_WINDOW_CHARS,
+        context_chars=settings.CHAT_MODERATION_CONTEXT_CHARS,
+        first_window_tokens=settings.CHAT_MODERATION_FIRST_WINDOW_TOKENS,
+        max_hold_s=settings.CHAT_MODERATION_MAX_HOLD_MS / 1000,
+    )
 
 
 async def reply_run(

@@ -17,10 +17,14 @@ trip each when scaled), and a change made in another process shows within
 process that reloads between the two would otherwise keep rows from before
 the commit under the newest token. When the cache cannot be read, every read
 goes to the database, as if there were no snapshot.
+
+`from_settings` is the same for what settings alone decide: built once per
+process, and again after a settings change.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -30,6 +34,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from django.core.cache import cache
+from django.core.signals import setting_changed
 from django.db import transaction
 
 logger = logging.getLogger(__name__)
@@ -98,3 +103,14 @@ class Snapshot(Generic[T]):
         except Exception:
             return None
         return token if isinstance(token, str) else None
+
+
+def from_settings(build: Callable[[], T]) -> Callable[[], T]:
+    """Return `build` made once, and made again after any settings change.
+
+    For stateless objects that only settings decide and that every message
+    asks for (a read of a setting is ~0.7 us through Django's lazy proxy).
+    """
+    cached = functools.cache(build)
+    setting_changed.connect(lambda **_: cached.cache_clear(), weak=False)
+    return cached

@@ -35,14 +35,13 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.signals import setting_changed
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils import timezone
 
-from chat.snapshots import Snapshot
+from chat.snapshots import Snapshot, from_settings
 from feedback.models import ModelVersion, VersionEvent, VersionSplit
 
 PROFILE_FIELDS = ("model", "fallbacks", "system_prompt", "temperature", "max_tokens")
@@ -115,30 +114,13 @@ def split_bucket(*, split_id: int, conversation_id: int) -> int:
     return int.from_bytes(digest[:8], "big") % 100
 
 
+@from_settings
 def settings_profile() -> ActiveVersion:
     """Return the profile configured by settings, used while no version exists.
 
     Built once and again after a settings change: every message stored while
     no version exists asks for it (a burst of 1,000 in one trip).
     """
-    global _settings_profile
-    if _settings_profile is None:
-        _settings_profile = _build_settings_profile()
-    return _settings_profile
-
-
-_settings_profile: ActiveVersion | None = None
-
-
-def _forget_settings_profile(**_: object) -> None:
-    global _settings_profile
-    _settings_profile = None
-
-
-setting_changed.connect(_forget_settings_profile)
-
-
-def _build_settings_profile() -> ActiveVersion:
     return ActiveVersion(
         version_id=None,
         model=settings.CHAT_MODEL,

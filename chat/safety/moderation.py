@@ -33,10 +33,10 @@ from typing import Protocol
 
 import httpx
 from django.conf import settings
-from django.core.signals import setting_changed
 
 from chat.safety.injection import _fold_flat, _squash, fold_variants
 from chat.safety.regexes import shared_prefixes
+from chat.snapshots import from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +398,7 @@ class ModeratorChain:
         return None
 
 
+@from_settings
 def moderator_from_settings() -> Moderator:
     """Return the configured moderator: the rules, then OpenAI when enabled.
 
@@ -405,24 +406,6 @@ def moderator_from_settings() -> Moderator:
     twice (its input, its reply's windows), and building it reads four to
     eight settings (~4 us on the event loop, a burst asks 2,000 times).
     """
-    global _moderator
-    if _moderator is None:
-        _moderator = _build_moderator()
-    return _moderator
-
-
-_moderator: Moderator | None = None
-
-
-def _forget_moderator(**_: object) -> None:
-    global _moderator
-    _moderator = None
-
-
-setting_changed.connect(_forget_moderator)
-
-
-def _build_moderator() -> Moderator:
     rules = RulesModerator(threshold=settings.CHAT_MODERATION_THRESHOLD)
     if not settings.CHAT_MODERATION_OPENAI:
         return rules
