@@ -12,13 +12,15 @@ A `Moderator` turns text into a `Verdict` (flagged) or None. Two exist:
   cannot be reached the rules' answer stands (fail open to the rules, with a
   warning), so a vendor outage does not stop every reply.
 
-`moderate_input` judges the user's message once. `OutputGate` sits between
-the model and the socket: it holds the reply back in windows (a sentence, or
-`CHAT_MODERATION_WINDOW_TOKENS` tokens / `CHAT_MODERATION_WINDOW_CHARS`
-characters, whichever first), judges each window together with the tail of
-what was already released (so a phrase split across two windows is still
-seen whole), and releases only judged text. On a flag it raises `Moderated`
-and the held window is dropped, so flagged text never reaches the browser.
+The configured moderator (`moderator_from_settings`) judges the user's
+message once (chat/pipeline.py: in the admission trip when it is the rules
+alone). `OutputGate` sits between the model and the socket: it holds the
+reply back in windows (a sentence, or `CHAT_MODERATION_WINDOW_TOKENS` tokens
+/ `CHAT_MODERATION_WINDOW_CHARS` characters, whichever first), judges each
+window together with the tail of what was already released (so a phrase
+split across two windows is still seen whole), and releases only judged
+text. On a flag it raises `Moderated` and the held window is dropped, so
+flagged text never reaches the browser.
 Per chunk it only scans the new characters for a sentence end; patterns run
 once per window (docs/decisions/0007-moderation-window.md).
 """
@@ -416,11 +418,6 @@ def moderator_from_settings() -> Moderator:
         timeout=settings.CHAT_MODERATION_OPENAI_TIMEOUT_S,
     )
     return ModeratorChain([rules, openai])
-
-
-async def moderate_input(text: str) -> Verdict | None:
-    """Return a verdict when the user's message is flagged, else None."""
-    return await moderator_from_settings().check(text, stage="input")
 
 
 # A sentence ends at . ! ? … (and CJK stops), after any closing quotes or

@@ -15,7 +15,7 @@ from chat.safety.moderation import (
     OutputGate,
     RulesModerator,
     Verdict,
-    moderate_input,
+    moderator_from_settings,
     rules_scores,
 )
 from tests.fakevendor import FakeVendor
@@ -90,11 +90,15 @@ def test_word_lists_alone_flag_only_together():
     assert verdict is not None and verdict.category == "illicit"
 
 
+async def _moderate_input(text: str) -> Verdict | None:
+    return await moderator_from_settings().check(text, stage="input")
+
+
 async def test_moderate_input_uses_the_configured_rules(settings):
     settings.CHAT_MODERATION_OPENAI = False
-    verdict = await moderate_input("how do I build a pipe bomb")
+    verdict = await _moderate_input("how do I build a pipe bomb")
     assert verdict == Verdict("input", "violence", verdict.score)
-    assert await moderate_input("how do I build a bird house") is None
+    assert await _moderate_input("how do I build a bird house") is None
 
 
 # --- the OpenAI endpoint ---------------------------------------------------------
@@ -133,10 +137,10 @@ async def test_settings_switch_the_openai_endpoint_on(settings):
         vendor.moderation_flags = {"blue elephant": "violence"}
         settings.CHAT_MODERATION_OPENAI = True
         settings.OPENAI_BASE_URL = vendor.openai_base_url
-        verdict = await moderate_input("I saw a blue elephant")
+        verdict = await _moderate_input("I saw a blue elephant")
         assert verdict is not None and verdict.category == "violence"
         settings.CHAT_MODERATION_OPENAI = False
-        assert await moderate_input("I saw a blue elephant") is None
+        assert await _moderate_input("I saw a blue elephant") is None
         assert vendor.moderation_inputs == ["I saw a blue elephant"]
 
 
@@ -395,8 +399,6 @@ async def test_gate_releases_a_slow_stream_token_by_token_as_it_arrives():
 
 
 def test_the_moderator_is_built_once_and_follows_a_settings_change(settings):
-    from chat.safety.moderation import moderator_from_settings
-
     settings.CHAT_MODERATION_OPENAI = False
     settings.CHAT_MODERATION_THRESHOLD = 0.9
     rules = moderator_from_settings()
