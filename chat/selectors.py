@@ -140,10 +140,8 @@ def history_for_model(
             break
         taken += 1
         used += cost
-    kept = [
-        ChatMessage(role="user" if role == "user" else "assistant", content=content)
-        for role, content in reversed(rows[:taken])
-    ]
+    # The rows are (role, content), and a role is "user" or "assistant".
+    kept = list(map(ChatMessage._make, reversed(rows[:taken])))
     if system_prompt:
         kept.insert(0, ChatMessage(role="system", content=system_prompt))
     return kept
