@@ -359,3 +359,25 @@ async def test_a_send_refused_after_its_reservation_gives_the_budget_back(ws, ma
         refused = await chat(mallory, "let me in", conversation=theirs)
         assert refused[0]["code"] == "not_found"
     assert (await chat(mallory))[-1]["type"] == "chat.done"
+
+
+def test_a_lone_send_whose_counter_store_raises_is_counted_here(db, settings, monkeypatch, caplog):
+    # Decision 0004 for one send as for a batch: the store is down, not the send.
+    import sqlite3
+
+    from django.core.cache import caches
+
+    from chat.errors import RateLimited
+    from chat.owners import Owner
+    from chat.safety import limits
+
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    settings.CHAT_RATELIMIT_USER = "1/m"
+    monkeypatch.setattr(type(caches["ratelimit"]), "add", locked)
+    monkeypatch.setattr(limits, "_local", limits._LocalWindows())
+    limits.check_send_limits(owner=Owner(user_id=5), client_ip="10.0.0.1")
+    with pytest.raises(RateLimited):
+        limits.check_send_limits(owner=Owner(user_id=5), client_ip="10.0.0.1")
+    assert "rate-limit counters unavailable (OperationalError)" in caplog.text
