@@ -436,9 +436,8 @@ _finish_pending = sql.Update(
 )
 
 
-def reply_finish(
+def _finish_values(
     *,
-    reply_id: int,
     content: str,
     finish_reason: str,
     model: str,
@@ -452,31 +451,54 @@ def reply_finish(
     call_path: list[dict[str, Any]] | None = None,
     moderation: dict[str, Any] | None = None,
     cached: bool = False,
-) -> bool:
+) -> dict[str, Any]:
+    """Return the columns a finished reply's row gets."""
+    return {
+        "status": Message.Status.FINISHED,
+        "content": content,
+        "finish_reason": finish_reason,
+        "model": model,
+        "ttft_ms": ttft_ms,
+        "latency_ms": latency_ms,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cost_usd": cost_usd,
+        "error_code": error_code,
+        "usage_estimated": usage_estimated,
+        "call_path": call_path or [],
+        "moderation": moderation,
+        "cached": cached,
+        "finished_at": timezone.now(),
+    }
+
+
+def reply_finish(*, reply_id: int, **finished: Any) -> bool:
     """Finish a pending reply exactly once; return False if it was already finished.
 
+    `finished` is what the reply ends with: content, finish_reason, model,
+    ttft_ms, latency_ms, prompt_tokens, completion_tokens, cost_usd and,
+    optionally, error_code, usage_estimated, call_path, moderation, cached.
     The status guard makes a second finisher (a late cancel, the reaper) a
     no-op instead of overwriting what the first one stored.
     """
     updated = _finish_pending.run(
-        where=[reply_id, Message.Status.PENDING],
-        status=Message.Status.FINISHED,
-        content=content,
-        finish_reason=finish_reason,
-        model=model,
-        ttft_ms=ttft_ms,
-        latency_ms=latency_ms,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        cost_usd=cost_usd,
-        error_code=error_code,
-        usage_estimated=usage_estimated,
-        call_path=call_path or [],
-        moderation=moderation,
-        cached=cached,
-        finished_at=timezone.now(),
+        where=[reply_id, Message.Status.PENDING], **_finish_values(**finished)
     )
     return updated == 1
+
+
+def replies_finish(replies: list[dict[str, Any]]) -> None:
+    """Finish many pending replies, each as `reply_finish` would, in one statement call.
+
+    Each dict holds `reply_id` and what `reply_finish` takes. A reply that
+    is no longer pending is left as it is, as by `reply_finish`; which ones
+    those were is not reported (the drivers' batch calls do not say).
+    """
+    rows = []
+    for finished in replies:
+        values = dict(finished)
+        rows.append(([values.pop("reply_id"), Message.Status.PENDING], _finish_values(**values)))
+    _finish_pending.run_many(rows)
 
 
 def conversation_title_generate(*, conversation_id: int) -> str | None:

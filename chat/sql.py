@@ -273,12 +273,15 @@ class Update:
             f"WHERE {' AND '.join(conditions)}"
         )
 
-    def run(self, *, where: Sequence[Any], **values: Any) -> int:
-        conn = connections[DEFAULT_DB_ALIAS]
-        sql = self._sql.get(conn.vendor) or self._sql.setdefault(conn.vendor, self._build(conn))
+    def _sql_for(self, conn: BaseDatabaseWrapper) -> str:
+        return self._sql.get(conn.vendor) or self._sql.setdefault(conn.vendor, self._build(conn))
+
+    def _params(
+        self, conn: BaseDatabaseWrapper, where: Sequence[Any], values: dict[str, Any]
+    ) -> list[Any]:
         given: list[Any] = [values[f.attname] for f in self.set_fields]
         given += where
-        params: list[Any] = [
+        return [
             value
             if kind is not None and (value is None or type(value) is kind)
             else f.get_db_prep_save(value, conn)
@@ -286,9 +289,29 @@ class Update:
                 (*self.set_fields, *self.where), self._as_is, given, strict=True
             )
         ]
+
+    def run(self, *, where: Sequence[Any], **values: Any) -> int:
+        conn = connections[DEFAULT_DB_ALIAS]
+        params = self._params(conn, where, values)
         with _cursor(conn) as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(self._sql_for(conn), params)
             return int(cursor.rowcount)
+
+    def run_many(self, rows: Sequence[tuple[Sequence[Any], dict[str, Any]]]) -> None:
+        """Run the UPDATE once per (where, values) row, in one call to the driver.
+
+        One `executemany` instead of a statement each: the driver loops in C
+        (SQLite) or pipelines the statements (psycopg), where a statement
+        each through Django's cursor costs tens of microseconds of Python.
+        The drivers do not say which rows changed: a caller that needs to
+        know uses `run`.
+        """
+        if not rows:
+            return
+        conn = connections[DEFAULT_DB_ALIAS]
+        params = [self._params(conn, where, values) for where, values in rows]
+        with _cursor(conn) as cursor:
+            cursor.executemany(self._sql_for(conn), params)
 
 
 class Select:

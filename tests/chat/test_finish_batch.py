@@ -85,6 +85,14 @@ def owners(make_user) -> list[Owner]:
     return [Owner(user_id=make_user(f"user{n}").pk) for n in range(5)]
 
 
+def poison(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+    """Fail any statement that would store the text "poison" (alone or among many rows)."""
+    rows = params if many else [params]
+    if any(row and "poison" in row for row in rows):
+        raise OperationalError("canceling statement due to statement timeout")
+    return execute(sql, params, many, context)
+
+
 def _finished(accepted: list[Any]) -> list[tuple[str, str]]:
     rows = Message.objects.in_bulk([a.reply_id for a in accepted])
     return [(rows[a.reply_id].status, rows[a.reply_id].content) for a in accepted]
@@ -97,12 +105,21 @@ def test_replies_that_end_together_share_commits(owners, commits, monkeypatch, s
     monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
     accepted = _pending(owners)
     commits.made.clear()
-    outcomes = pipeline._finish_all([_finish(a, f"answer {n}") for n, a in enumerate(accepted)])
+    updates: list[int] = []  # rows per UPDATE call to the driver
+
+    def count(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("UPDATE"):
+            updates.append(len(params) if many else 1)
+        return execute(sql, params, many, context)
+
+    with connections["default"].execute_wrapper(count):
+        outcomes = pipeline._finish_all([_finish(a, f"answer {n}") for n, a in enumerate(accepted)])
     assert [ok for ok, _ in outcomes] == [True] * 5
     assert all(isinstance(cost, Decimal) for _, cost in outcomes)
-    # Two lots of two in a transaction each; the last reply, alone, is one
-    # statement that commits itself (as every reply did before).
+    # Two lots of two in a transaction and one call to the driver each; the
+    # last reply, alone, is one statement that commits itself.
     assert commits.made == ["default"] * 2
+    assert updates == [2, 2, 1]
     assert _finished(accepted) == [("finished", f"answer {n}") for n in range(5)]
     # Each reservation was settled with the reply's real cost (the demo model's
     # is 0): every owner can reserve today's budget once more, and only once.
@@ -130,11 +147,6 @@ def test_one_reply_that_cannot_be_stored_costs_the_others_nothing(owners, monkey
     monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
     monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
     accepted = _pending(owners)
-
-    def poison(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if params and "poison" in params:
-            raise OperationalError("canceling statement due to statement timeout")
-        return execute(sql, params, many, context)
 
     texts = ["answer 0", "poison", "answer 2", "answer 3", "answer 4"]
     with connections["default"].execute_wrapper(poison):
@@ -193,11 +205,6 @@ def test_replies_that_end_together_are_kept_in_the_response_cache_in_one_write(o
 
 def test_a_reply_that_could_not_be_stored_is_not_kept_in_the_response_cache(owners):
     accepted = _pending(owners)
-
-    def poison(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if params and "poison" in params:
-            raise OperationalError("canceling statement due to statement timeout")
-        return execute(sql, params, many, context)
 
     calls = [_kept(a, "poison" if n == 1 else f"answer {n}") for n, a in enumerate(accepted)]
     with connections["default"].execute_wrapper(poison):

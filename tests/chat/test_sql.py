@@ -98,9 +98,9 @@ def test_update_stores_what_the_orm_stores(conversation):
     earlier = Message.objects.create(conversation=conversation, role="user", content="earlier")
     for case in _cases(conversation, earlier):
         values = {k: v for k, v in case.items() if k != "client_msg_id"}
-        by_orm, by_update = (
+        by_orm, by_update, many_a, many_b, done = (
             Message.objects.create(conversation=conversation, role="assistant", status="pending")
-            for _ in range(2)
+            for _ in range(5)
         )
         Message.objects.filter(pk=by_orm.pk).update(**values)
         update = sql.Update(Message, set_fields=list(values), where=["id", "status"])
@@ -110,6 +110,18 @@ def test_update_stores_what_the_orm_stores(conversation):
         assert update.run(where=[str(by_update.pk), "pending"], **values) == int(
             values.get("status", "pending") == "pending"
         )
+        # Many rows in one call: each as `run` stores it, and the guard holds per row.
+        Message.objects.filter(pk=done.pk).update(status="finished", content="kept")
+        before = _stored(done.pk, {})
+        update.run_many(
+            [
+                ([many_a.pk, Message.Status.PENDING], values),
+                ([str(done.pk), "pending"], values),
+                ([many_b.pk, "pending"], values),
+            ]
+        )
+        assert _stored(many_a.pk, {}) == _stored(many_b.pk, {}) == _stored(by_orm.pk, {})
+        assert _stored(done.pk, {}) == before
 
 
 def test_run_many_returns_each_rows_id_in_order(conversation):
