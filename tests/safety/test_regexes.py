@@ -240,6 +240,22 @@ def test_the_squash_patterns_match_what_they_were_written_to(
     assert changed > least  # texts that each pattern does change
 
 
+def test_the_spaced_letters_hint_is_found_wherever_spaced_letters_are():
+    """Every string over an alphabet of each kind of character, and the corpus."""
+    texts = [
+        "".join(letters)
+        for length in range(9)
+        for letters in itertools.product("a _1,", repeat=length)
+    ]
+    corpus = [injection._fold_flat(t) for t in _texts()]
+    for text in [*texts, *corpus]:
+        if injection._SPACED_LETTERS.search(text):
+            assert injection._SPACED_HINT.search(text), text
+    # And it is a filter: most of the corpus is skipped.
+    skipped = sum(injection._SPACED_HINT.search(t) is None for t in corpus)
+    assert skipped > len(corpus) * 0.8
+
+
 def test_the_tag_signals_prefilter_matches_when_a_signal_does():
     signals = injection._TAG_SIGNALS
     assert {s.plain.flags for s in signals} == {re.UNICODE | re.MULTILINE}
