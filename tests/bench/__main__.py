@@ -340,6 +340,14 @@ class Bench:
                 "app" if which != "floor" else "floor",
                 pct([r.max_gap * 1000 for r in good], 99),
             )
+            # The longest gap away from the replies' ends: their own cadence,
+            # apart from the start and the end of the burst.
+            row = self.report.row("", f"{prefix} longest gap p99, mid-reply", "ms")
+            setattr(
+                row,
+                "app" if which != "floor" else "floor",
+                pct([r.mid_gap * 1000 for r in good], 99),
+            )
             # Where TTFT goes: the wait for chat.accepted, then the model's TTFT.
             row = self.report.row("", f"{prefix} chat.accepted p99", "ms")
             setattr(

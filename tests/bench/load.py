@@ -44,6 +44,9 @@ class ConnSpec:
     cookie: str | None = None
 
 
+MID_SKIP = 4
+
+
 @dataclass(slots=True)
 class Reply:
     ttft: float | None = None
@@ -51,6 +54,12 @@ class Reply:
     max_gap: float = 0.0
     max_gap_at: float = 0.0  # when the longest gap ended, seconds after the send
     max_gap_frame: int = 0  # the delta frame that ended it (1 = the second frame)
+    # The longest gap away from a reply's ends: its first MID_SKIP and last
+    # MID_SKIP gaps left out, so a reply's own cadence shows apart from the
+    # start and the end of a burst. `recent` holds the last gaps until more
+    # frames show they are not among the last.
+    mid_gap: float = 0.0
+    recent: list[float] = field(default_factory=list)
     frames: int = 0
     tokens: int = 0
     finish: str = ""
@@ -114,10 +123,16 @@ async def _reply(
                 if kind == "chat.delta":
                     if reply.frames == 0:
                         reply.ttft = now - reply.sent_at
-                    elif now - last > reply.max_gap:
-                        reply.max_gap = now - last
-                        reply.max_gap_at = now - reply.sent_at
-                        reply.max_gap_frame = reply.frames
+                    else:
+                        gap = now - last
+                        if gap > reply.max_gap:
+                            reply.max_gap = gap
+                            reply.max_gap_at = now - reply.sent_at
+                            reply.max_gap_frame = reply.frames
+                        if reply.frames > MID_SKIP:
+                            reply.recent.append(gap)
+                            if len(reply.recent) > MID_SKIP:
+                                reply.mid_gap = max(reply.mid_gap, reply.recent.pop(0))
                     last = now
                     reply.frames += 1
                 elif kind == "chat.accepted":
