@@ -800,6 +800,11 @@ def _settle(*, accepted: Accepted, finish_kwargs: dict[str, Any], **_: Any) -> D
     return Decimal(finish_kwargs["cost_usd"])
 
 
+# Finished replies per transaction: their lot is one `executemany`, with no
+# savepoints (unlike a lot of sends) and no limit on bound parameters.
+FINISHES_PER_COMMIT = 256
+
+
 def _finish_all(calls: list[Call]) -> list[Outcome]:
     """Store the finished replies of one trip, a lot to a commit; then settle.
 
@@ -818,7 +823,7 @@ def _finish_all(calls: list[Call]) -> list[Outcome]:
     thousand commits). A cache that cannot be written costs a reply nothing.
     """
     stored: list[Outcome | None] = [None] * len(calls)
-    per_commit = _sends_per_commit()
+    per_commit = FINISHES_PER_COMMIT
     for start in range(0, len(calls), per_commit):
         lot = range(start, min(start + per_commit, len(calls)))
         if len(lot) > 1:

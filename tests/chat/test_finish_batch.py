@@ -101,8 +101,7 @@ def _finished(accepted: list[Any]) -> list[tuple[str, str]]:
 def test_replies_that_end_together_share_commits(owners, commits, monkeypatch, settings):
     settings.CHAT_DAILY_BUDGET_USD = "0.02"
     settings.CHAT_BUDGET_RESERVE_USD = "0.02"  # one reservation fills a day
-    monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
-    monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
+    monkeypatch.setattr(pipeline, "FINISHES_PER_COMMIT", 2)
     accepted = _pending(owners)
     commits.made.clear()
     updates: list[int] = []  # rows per UPDATE call to the driver
@@ -130,8 +129,7 @@ def test_replies_that_end_together_share_commits(owners, commits, monkeypatch, s
 
 
 def test_a_lot_whose_commit_fails_is_stored_reply_by_reply(owners, monkeypatch, commits):
-    monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
-    monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
+    monkeypatch.setattr(pipeline, "FINISHES_PER_COMMIT", 2)
     accepted = _pending(owners)
     before = commits.tried
     commits.fail_at = {before + 2}  # the second lot's
@@ -144,8 +142,7 @@ def test_a_lot_whose_commit_fails_is_stored_reply_by_reply(owners, monkeypatch, 
 
 
 def test_one_reply_that_cannot_be_stored_costs_the_others_nothing(owners, monkeypatch):
-    monkeypatch.setattr(pipeline, "SENDS_PER_COMMIT", 2)
-    monkeypatch.setattr(pipeline, "SQLITE_SENDS_PER_COMMIT", 2)
+    monkeypatch.setattr(pipeline, "FINISHES_PER_COMMIT", 2)
     accepted = _pending(owners)
 
     texts = ["answer 0", "poison", "answer 2", "answer 3", "answer 4"]
