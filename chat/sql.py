@@ -116,6 +116,9 @@ class Insert:
     message row has 26 columns of which a send gives seven. A 128-row
     INSERT of messages took 32 us a row with every value bound against 19
     with the defaults written in (SQLite, 2-core machine).
+
+    On PostgreSQL, rows go in as one array a column through UNNEST, as
+    Django's own bulk_create does (see _statement).
     """
 
     def __init__(self, model: type[models.Model]) -> None:
@@ -137,6 +140,8 @@ class Insert:
         # Per vendor and set of fields the rows give: a row's SQL, and the
         # fields bound in it, in order.
         self._rows: dict[tuple[str, frozenset[str]], tuple[str, list[int]]] = {}
+        # PostgreSQL, per set of fields the rows give: the UNNEST statement.
+        self._unnest: dict[frozenset[str], str] = {}
 
     def _plan(self, conn: BaseDatabaseWrapper) -> tuple[str, str, list[Any], list[str | None]]:
         plan = self._plans.get(conn.vendor)
@@ -205,14 +210,62 @@ class Insert:
             params += row
         return params
 
+    def _unnest_sql(
+        self,
+        conn: BaseDatabaseWrapper,
+        literals: list[str | None],
+        given: frozenset[str],
+        bound: list[int],
+    ) -> str:
+        """Return the UNNEST form of the INSERT for rows that give these fields.
+
+        One array parameter a bound column, each cast to its column's type
+        without a length or precision (as Django's bulk_create does), and
+        the literal defaults in the SELECT list.
+        """
+        found = self._unnest.get(given)
+        if found is not None:
+            return found
+        meta = self.model._meta
+        assert meta.pk is not None
+        q = conn.ops.quote_name
+        position = {i: k for k, i in enumerate(bound)}
+        selected = []
+        for i in range(len(self.fields)):
+            literal = None if i in position else literals[i]
+            selected.append(f"u.c{position[i]}" if literal is None else literal)
+        arrays = ", ".join(
+            f"(%s)::{str(self.fields[i].db_type(conn)).split('(')[0]}[]" for i in bound
+        )
+        aliases = ", ".join(f"c{k}" for k in range(len(bound)))
+        columns = ", ".join(q(f.column) for f in self.fields)
+        # Names from the model's metadata; every value is a parameter or a
+        # literal of _literal's plain kinds.
+        sql = (
+            f"INSERT INTO {q(meta.db_table)} ({columns}) "  # noqa: S608
+            f"SELECT {', '.join(selected)} FROM UNNEST({arrays}) AS u({aliases}) "
+            f"RETURNING {q(meta.pk.column)}"
+        )
+        return self._unnest.setdefault(given, sql)
+
     def _statement(
         self, conn: BaseDatabaseWrapper, rows: Sequence[dict[str, Any]]
     ) -> tuple[str, list[Any]]:
         head, returning, defaults, literals = self._plan(conn)
         given = frozenset(name for values in rows for name in values)
         row, bound = self._row(conn, literals, given)
+        params = self._params(conn, rows, defaults, bound)
+        if conn.vendor == "postgresql" and len(rows) > 1 and bound:
+            # A column of values a parameter: the statement's text is short
+            # and the same for any number of rows, so psycopg converts it
+            # once (its cache keeps statements up to 4 KB; a 32-row VALUES
+            # list of messages is ~4.8 KB and was parsed again each time),
+            # and PostgreSQL plans it faster. 32 messages: 2.2 -> 1.4 ms.
+            n = len(bound)
+            columns = [params[k::n] for k in range(n)]
+            return self._unnest_sql(conn, literals, given, bound), columns
         sql = head + ", ".join([row] * len(rows)) + returning
-        return sql, self._params(conn, rows, defaults, bound)
+        return sql, params
 
     def run(self, **values: Any) -> int:
         """Insert the row and return its primary key."""

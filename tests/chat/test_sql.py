@@ -140,9 +140,15 @@ def test_a_row_binds_only_the_values_it_gives_and_its_time_stamp(conversation):
     # The defaults every row takes are written into the statement (binding a
     # parameter is the bulk of a multi-row INSERT's cost in the driver).
     bound: list[int] = []
+    statements: list[str] = []
 
     def count(execute: Any, sql_text: str, params: Any, many: bool, context: Any) -> Any:
-        bound.append(len(params))
+        statements.append(sql_text)
+        # On PostgreSQL a multi-row INSERT binds one array a column (UNNEST).
+        unnest = connection.vendor == "postgresql"
+        bound.append(sum(len(column) for column in params) if unnest else len(params))
+        if unnest:
+            assert all(len(column) == 3 for column in params)
         return execute(sql_text, params, many, context)
 
     rows = [
@@ -156,6 +162,7 @@ def test_a_row_binds_only_the_values_it_gives_and_its_time_stamp(conversation):
     # JSON fields' wrapped values.
     per_row = 5 if connection.vendor == "sqlite" else 7
     assert bound == [3 * per_row]
+    assert ("UNNEST" in statements[0]) == (connection.vendor == "postgresql")
     stored = Message.objects.filter(pk__in=ids).order_by("pk")
     assert [m.content for m in stored] == ["message 0", "message 1", "message 2"]
     assert all(
