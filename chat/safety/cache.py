@@ -30,8 +30,24 @@ class CacheUnavailable(ValueError):
     """The counter store could not be reached (a ValueError, like a missing key)."""
 
 
+# Each counter: made with its expiry if absent, then incremented; in order,
+# so a key that comes twice counts twice. A script runs atomically, as
+# MULTI/EXEC did, and is one command: for 500 counters it took ~3-4.5 ms in
+# a script against ~10-17 ms for a MULTI/EXEC of 1,000 commands, most of
+# which was redis-py packing and parsing each command.
+_COUNT_MANY = """
+local counts = {}
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, 0, 'PX', ARGV[i], 'NX')
+  counts[i] = redis.call('INCR', key)
+end
+return counts
+"""
+
+
 class FailSoftRedisCache(SharedRedisCache):
     _last_warning = 0.0
+    _count_script: Any = None  # made with the first client; each call names its own
 
     def _failed(self, op: str, exc: Exception) -> None:
         now = time.monotonic()
@@ -79,15 +95,17 @@ class FailSoftRedisCache(SharedRedisCache):
         As SQLiteCache.count_many: a key may come more than once. On a Redis
         error every count is None (the store is down).
         """
+        if not counters:
+            return []
         keys = [self.make_and_validate_key(key) for key, _timeout in counters]
+        expiries = [max(1, int(timeout * 1000)) for _key, timeout in counters]
         try:
-            # MULTI/EXEC: no counter expires between its SET and its INCR.
-            pipe = self._cache.get_client(None, write=True).pipeline(transaction=True)
-            for key, (_name, timeout) in zip(keys, counters, strict=True):
-                pipe.set(key, 0, px=max(1, int(timeout * 1000)), nx=True)
-                pipe.incr(key)
-            replies = pipe.execute()
+            client = self._cache.get_client(None, write=True)
+            if self._count_script is None:
+                self._count_script = client.register_script(_COUNT_MANY)
+            # EVALSHA; loaded first where the server does not know it yet.
+            replies = self._count_script(keys=keys, args=expiries, client=client)
         except RedisError as exc:
             self._failed("count_many", exc)
             return [None] * len(counters)
-        return [int(value) for value in replies[1::2]]
+        return [int(value) for value in replies]

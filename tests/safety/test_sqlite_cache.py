@@ -184,5 +184,9 @@ def test_the_rate_limit_store_counts_many_at_once(django_db_blocker):
     assert cache.count_many([(a, 60), (b, 60), (a, 60)]) == [1, 1, 2]
     assert cache.count_many([(a, 60)]) == [3]
     assert cache.get(a) == 3
+    assert cache.count_many([]) == []
+    if hasattr(cache, "_cache"):  # Redis: each counter expires with its window
+        client = cache._cache.get_client(None)
+        assert 0 < client.pttl(cache.make_and_validate_key(a)) <= 60_000
     cache.delete(a)
     cache.delete(b)
