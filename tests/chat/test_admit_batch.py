@@ -153,8 +153,8 @@ def test_sqlite_stores_bigger_lots_within_its_statement_parameter_limit(
     import sqlite3
 
     if connections["default"].vendor != "sqlite":
-        pytest.skip("PostgreSQL keeps lots of SENDS_PER_COMMIT (its subtransaction cache)")
-    owners = [Owner(user_id=make_user(f"user{n}").pk) for n in range(2 * pipeline.SENDS_PER_COMMIT)]
+        pytest.skip("PostgreSQL binds a lot's values as one array a column (UNNEST)")
+    owners = [Owner(user_id=make_user(f"user{n}").pk) for n in range(64)]
     outcomes = pipeline._admit_all([_call(owner, f"hi {n}") for n, owner in enumerate(owners)])
     assert all(ok for ok, _ in outcomes)
     assert commits.made == ["default"]  # 64 sends, one lot
@@ -339,6 +339,35 @@ def test_a_retried_send_in_a_batch_gets_the_first_ids(owners):
     assert again.duplicate and prepared is None
     assert (again.user_message_id, again.reply_id) == (first.user_message_id, first.reply_id)
     assert Message.objects.filter(role=Message.Role.USER).count() == 3
+
+
+def test_sends_stored_one_by_one_take_at_most_so_many_savepoints_a_transaction(
+    owners, monkeypatch, commits
+):
+    """PostgreSQL's subtransaction cache: the rest of such a lot goes in the next transaction."""
+    monkeypatch.setattr(pipeline, "SAVEPOINTS_PER_COMMIT", 2)
+    retried = uuid.uuid4()
+    [(ok, (first, _))] = pipeline._admit_all([_call(owners["alice"], client_msg_id=retried)])
+    assert ok
+    commits.made.clear()
+    # The retried id sends the whole lot down the one-by-one path.
+    calls = [_call(owners["alice"], client_msg_id=retried)] + [
+        _call(owners[name], f"hi from {name}") for name in ("bob", "carol", "mallory", "bob")
+    ]
+    outcomes = pipeline._admit_all(calls)
+    assert [ok for ok, _ in outcomes] == [True] * 5
+    again, _prepared = outcomes[0][1]
+    assert (again.user_message_id, again.reply_id) == (first.user_message_id, first.reply_id)
+    # The retry and bob's first one by one; the three left in the next
+    # transaction, stored together.
+    assert commits.made == ["default", "default"]
+    stored = Message.objects.filter(role=Message.Role.USER).order_by("id")
+    assert [m.content for m in stored][1:] == [
+        "hi from bob",
+        "hi from carol",
+        "hi from mallory",
+        "hi from bob",
+    ]
 
 
 def test_a_failed_commit_stores_nothing_and_fails_every_send(owners, settings, commits):
