@@ -249,20 +249,25 @@ def _store_new_together(
 
 
 def _store_together(
-    calls: list[Call], indexes: list[int], outcomes: list[Outcome | None]
+    calls: list[Call],
+    indexes: list[int],
+    outcomes: list[Outcome | None],
+    *,
+    together: bool = True,
 ) -> tuple[dict[int, Accepted], list[int]]:
     """Store these sends in one transaction; return what was stored (or nothing), and what is left.
 
     A send that fails gets its outcome here. A lone send is stored as it
     always was, in its own transaction. Sends stored one by one (edits,
-    regenerations, a lot with a retried id) take a savepoint each; those
-    beyond SAVEPOINTS_PER_COMMIT are left untried, for the next transaction.
+    regenerations, a lot with a retried id; all of them unless `together`)
+    take a savepoint each; those beyond SAVEPOINTS_PER_COMMIT are left
+    untried, for the next transaction.
     """
     stored: dict[int, Accepted] = {}
     left: list[int] = []
     try:
         with transaction.atomic() if len(indexes) > 1 else contextlib.nullcontext():
-            if len(indexes) > 1:
+            if len(indexes) > 1 and together:
                 _store_new_together(calls, indexes, stored, outcomes)
             one_by_one = 0
             for i in indexes:
@@ -371,13 +376,14 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
         reservations.clear()
         outcomes = [o if i in refused else (False, exc) for i, o in enumerate(outcomes)]
     stored: dict[int, Accepted] = {}
-    pending = list(reservations)
+    admitted = list(reservations)
     per_commit = _sends_per_commit()
-    while pending:
-        lot, pending = pending[:per_commit], pending[per_commit:]
-        lot_stored, left = _store_together(calls, lot, outcomes)
-        stored.update(lot_stored)
-        pending = left + pending  # one-by-one sends past the savepoint cap go next
+    for start in range(0, len(admitted), per_commit):
+        lot, together = admitted[start : start + per_commit], True
+        while lot:
+            lot_stored, lot = _store_together(calls, lot, outcomes, together=together)
+            stored.update(lot_stored)
+            together = False  # what is left went one by one, and goes on so
     cache_on = bool(stored) and _response_cache_on()
     for i, reservation in reservations.items():
         if i in stored:
