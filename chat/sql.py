@@ -230,10 +230,11 @@ class Insert:
         assert meta.pk is not None
         q = conn.ops.quote_name
         position = {i: k for k, i in enumerate(bound)}
-        selected = []
-        for i in range(len(self.fields)):
-            literal = None if i in position else literals[i]
-            selected.append(f"u.c{position[i]}" if literal is None else literal)
+        # A field is bound unless its default is a literal (_row).
+        selected = [
+            f"u.c{position[i]}" if i in position else str(literals[i])
+            for i in range(len(self.fields))
+        ]
         arrays = ", ".join(
             f"(%s)::{str(self.fields[i].db_type(conn)).split('(')[0]}[]" for i in bound
         )
