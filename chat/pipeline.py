@@ -909,30 +909,29 @@ def _finish_all(calls: list[Call]) -> list[Outcome]:
         if result is not None and result[0] and call.kwargs.get("remember"):
             remembered.update(call.kwargs["remember"])
             replies += 1
-    if remembered:
-        try:
-            response_cache.cache_store_many(remembered)
-        except Exception as exc:
-            logger.warning(
-                "response cache unavailable (%s): the answers of %d replies not kept",
-                type(exc).__name__,
-                replies,
-            )
+    _keep("response cache", response_cache.cache_store_many, remembered, replies=replies)
     semantic = [
         call.kwargs["remember_semantic"]
         for call, result in zip(calls, stored, strict=True)
         if result is not None and result[0] and call.kwargs.get("remember_semantic")
     ]
-    if semantic:
-        try:
-            semantic_cache.store_many(semantic)
-        except Exception as exc:
-            logger.warning(
-                "semantic cache unavailable (%s): the answers of %d replies not kept",
-                type(exc).__name__,
-                len(semantic),
-            )
+    _keep("semantic cache", semantic_cache.store_many, semantic, replies=len(semantic))
     return outcomes
+
+
+def _keep(name: str, store: Callable[[Any], None], answers: Any, *, replies: int) -> None:
+    """Hand a trip's answers to a cache in one write; a cache that fails costs a reply nothing."""
+    if not answers:
+        return
+    try:
+        store(answers)
+    except Exception as exc:
+        logger.warning(
+            "%s unavailable (%s): the answers of %d replies not kept",
+            name,
+            type(exc).__name__,
+            replies,
+        )
 
 
 # Replies that end together share trips to the database thread and commits.

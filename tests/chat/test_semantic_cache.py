@@ -17,10 +17,10 @@ import pytest
 from channels.db import database_sync_to_async
 
 from chat import semantic_cache
-from chat.models import Message
 from chat.response_cache import CachedReply, cache_switch, normalise
-from tests.chat.helpers import delta_text, recv, recv_until_done, send, send_frame
-from tests.conftest import IN_CI, session_cookie_for
+from tests.chat.helpers import delta_text
+from tests.chat.test_response_cache import ask, reload, user_cookie
+from tests.conftest import IN_CI
 from tests.monitoring.helpers import TOKEN, scrape, value
 
 DATA = Path(__file__).parent / "data"
@@ -130,22 +130,6 @@ def test_marks_tell_apart_what_the_embedding_cannot():
     assert "555" not in str(kept) and "alice" not in str(kept) and kept["polar"] == "with"
 
 
-@database_sync_to_async
-def cookie(make_user, name: str) -> str:
-    return session_cookie_for(make_user(name))
-
-
-@database_sync_to_async
-def reload(pk: int) -> Message:
-    return Message.objects.get(pk=pk)
-
-
-async def ask(comm, content: str, **extra) -> tuple[dict, list[dict]]:
-    await send(comm, send_frame(content, **extra))
-    accepted = await recv(comm)
-    return accepted, await recv_until_done(comm)
-
-
 ASKED = "How do I cancel my subscription before the trial ends?"
 PARAPHRASE = "I want to cancel my subscription before the trial ends, how do I do that?"
 # 0.995 to the embedding, above the threshold: told apart by its opposite word.
@@ -155,11 +139,11 @@ LOOKALIKE = "How do I cancel my subscription after the trial ends?"
 @pytest.mark.django_db(transaction=True)
 async def test_a_paraphrase_is_answered_from_the_cache(ws, make_user, semantic_on):
     before = await database_sync_to_async(scrape)()
-    alice = await ws(await cookie(make_user, "alice"))
+    alice = await ws(await user_cookie(make_user, "alice"))
     _, first = await ask(alice, ASKED)
     assert first[-1]["cached"] is False
 
-    bob = await ws(await cookie(make_user, "bob"))
+    bob = await ws(await user_cookie(make_user, "bob"))
     accepted, second = await ask(bob, PARAPHRASE)
     done = second[-1]
     assert done["cached"] is True and done["cost_usd"] == 0.0 and done["finish_reason"] == "stop"
@@ -170,7 +154,7 @@ async def test_a_paraphrase_is_answered_from_the_cache(ws, make_user, semantic_o
     assert reply.call_path == [{"model": "demo:demo", "outcome": "semantic-cache"}]
 
     # A look-alike that needs another answer goes to the model.
-    carol = await ws(await cookie(make_user, "carol"))
+    carol = await ws(await user_cookie(make_user, "carol"))
     _, third = await ask(carol, LOOKALIKE)
     assert third[-1]["cached"] is False
 
@@ -188,9 +172,9 @@ async def test_a_paraphrase_is_answered_from_the_cache(ws, make_user, semantic_o
 async def test_it_is_off_by_default(ws, make_user, settings, model, monkeypatch):
     monkeypatch.setitem(semantic_cache._embedders, semantic_cache.BUNDLED_MODEL, model)
     assert settings.CHAT_SEMANTIC_CACHE is False
-    alice = await ws(await cookie(make_user, "alice"))
+    alice = await ws(await user_cookie(make_user, "alice"))
     await ask(alice, ASKED)
-    bob = await ws(await cookie(make_user, "bob"))
+    bob = await ws(await user_cookie(make_user, "bob"))
     _, frames = await ask(bob, PARAPHRASE)
     assert frames[-1]["cached"] is False
 
@@ -199,34 +183,34 @@ async def test_it_is_off_by_default(ws, make_user, settings, model, monkeypatch)
 async def test_another_context_version_or_the_staff_switch_misses(
     ws, make_user, settings, semantic_on
 ):
-    alice = await ws(await cookie(make_user, "alice"))
+    alice = await ws(await user_cookie(make_user, "alice"))
     await ask(alice, ASKED)
 
     # A follow-up in another conversation is not answered from a first question.
-    bob = await ws(await cookie(make_user, "bob"))
+    bob = await ws(await user_cookie(make_user, "bob"))
     started, _ = await ask(bob, "Tell me about your plans")
     _, frames = await ask(bob, PARAPHRASE, conversation=started["conversation"])
     assert frames[-1]["cached"] is False
 
     # Staff switched the caches off: no answer from either.
     await database_sync_to_async(cache_switch)(enabled=False)
-    carol = await ws(await cookie(make_user, "carol"))
+    carol = await ws(await user_cookie(make_user, "carol"))
     _, frames = await ask(carol, PARAPHRASE)
     assert frames[-1]["cached"] is False
     await database_sync_to_async(cache_switch)(enabled=True)
 
     # A new version (here its system prompt) never serves the old one's answers.
     settings.CHAT_SYSTEM_PROMPT = "You are terse."
-    dave = await ws(await cookie(make_user, "dave"))
+    dave = await ws(await user_cookie(make_user, "dave"))
     _, frames = await ask(dave, PARAPHRASE)
     assert frames[-1]["cached"] is False
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_regenerate_asks_the_model_again(ws, make_user, semantic_on):
-    alice = await ws(await cookie(make_user, "alice"))
+    alice = await ws(await user_cookie(make_user, "alice"))
     await ask(alice, ASKED)
-    bob = await ws(await cookie(make_user, "bob"))
+    bob = await ws(await user_cookie(make_user, "bob"))
     cached, frames = await ask(bob, PARAPHRASE)
     assert frames[-1]["cached"] is True
     _, regenerated = await ask(
@@ -251,7 +235,7 @@ async def test_a_question_does_not_wait_for_the_model_to_load(
     monkeypatch.setattr(semantic_cache, "_load_model", slow_load)
     monkeypatch.delitem(semantic_cache._embedders, "slow-to-load", raising=False)
     try:
-        alice = await ws(await cookie(make_user, "alice"))
+        alice = await ws(await user_cookie(make_user, "alice"))
         _, first = await ask(alice, ASKED)  # answered while the model still loads
         assert first[-1]["cached"] is False and first[-1]["finish_reason"] == "stop"
     finally:
@@ -260,9 +244,9 @@ async def test_a_question_does_not_wait_for_the_model_to_load(
     await asyncio.wrap_future(semantic_cache._executor.submit(lambda: None))
     assert semantic_cache.embedder().ready
     # Loaded now: the next question is looked up (and its answer kept) as usual.
-    bob = await ws(await cookie(make_user, "bob"))
+    bob = await ws(await user_cookie(make_user, "bob"))
     await ask(bob, ASKED + " Thanks!")
-    carol = await ws(await cookie(make_user, "carol"))
+    carol = await ws(await user_cookie(make_user, "carol"))
     _, frames = await ask(carol, ASKED + " Thank you!")
     assert frames[-1]["cached"] is True
 
@@ -277,7 +261,7 @@ async def test_a_model_that_cannot_load_costs_a_reply_nothing(
         lambda: semantic_cache._embedders.pop(str(tmp_path / "no-such-model"), None)
     )
     caplog.set_level(logging.WARNING)
-    alice = await ws(await cookie(make_user, "alice"))
+    alice = await ws(await user_cookie(make_user, "alice"))
     accepted, frames = await ask(alice, ASKED)  # starts the load, which fails
     assert frames[-1]["finish_reason"] == "stop" and frames[-1]["cached"] is False
     await asyncio.wrap_future(semantic_cache._executor.submit(lambda: None))
