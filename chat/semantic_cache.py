@@ -49,6 +49,7 @@ from django.core.cache import cache
 from chat.callpath import ModelPlan
 from chat.providers import ChatMessage
 from chat.response_cache import CachedReply, normalise
+from chat.safety.pii import find_pii
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,15 @@ class Probe:
 # What an embedding overlooks, checked before an answer is served (measured in
 # docs/semantic-cache.md): numbers ("a 12-pound turkey" / "a 20-pound turkey"),
 # the order of the same words ("10 miles to km" / "10 km to miles"), the kind
-# of question ("who invented" / "when was ... invented") and opposites ("with
-# eggs" / "without eggs"). A question that differs in any of them is a miss.
-# English only; a miss only costs a model call.
+# of question ("who invented" / "when was ... invented"), opposites ("with
+# eggs" / "without eggs") and names: a capitalised word inside a sentence
+# must be a word of the other question too, so "a cover letter for Alice
+# Smith" never gets Bob Jones's. A question that differs in any of them is a
+# miss. English only; a miss only costs a model call.
 _WORD = re.compile(r"\w+")
+_NAME = re.compile(r"\b[A-Z]\w*")
+# Where a sentence starts: its first word is capitalised as a matter of course.
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\n)\W*(?=\w)")
 _NUMBER = re.compile(r"\b\d+(?:[.,/:]\d+)*\b")
 _NUMBER_WORDS = {
     word: str(n)
@@ -111,8 +117,18 @@ _OPPOSITES = [tuple(pair.split("/")) for pair in _OPPOSITE_PAIRS.split()]
 _POLAR = frozenset(word for pair in _OPPOSITES for word in pair)
 
 
-def _digest(parts: list[str]) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+def _digest(parts: list[str], size: int = 16) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:size]
+
+
+def _names(question: str) -> set[str]:
+    starts = {m.end() for m in _SENTENCE_START.finditer(question)}
+    return {
+        part.casefold()
+        for m in _NAME.finditer(question)
+        if m.start() not in starts and m.group() != "I"
+        for part in _WORD.findall(m.group())
+    }
 
 
 def marks(question: str) -> dict[str, str]:
@@ -127,6 +143,10 @@ def marks(question: str) -> dict[str, str]:
         "order": _digest(stems),
         "kinds": " ".join(sorted(_KINDS.intersection(words))),
         "polar": " ".join(sorted(_POLAR.intersection(words))),
+        # Digests of single words, which a dictionary can match: the cache that
+        # holds them holds the answers too, and must be as private as they are.
+        "words": " ".join(sorted({_digest([w], 8) for w in words})),
+        "names": " ".join(sorted({_digest([w], 8) for w in _names(question)})),
     }
 
 
@@ -136,6 +156,9 @@ def compatible(asked: dict[str, str], earlier: dict[str, str]) -> bool:
         return False
     if asked.get("bag") == earlier.get("bag") and asked.get("order") != earlier.get("order"):
         return False
+    for one, other in ((asked, earlier), (earlier, asked)):
+        if not set(one.get("names", "").split()) <= set(other.get("words", "").split()):
+            return False
     mine = set(asked.get("polar", "").split())
     theirs = set(earlier.get("polar", "").split())
     only_mine, only_theirs = mine - theirs, theirs - mine
@@ -275,6 +298,9 @@ def lookup(
     if found is None:
         return None, None
     scope, question = found
+    if find_pii(question):
+        # An answer to a question with someone's details is theirs: never shared.
+        return None, None
     vector = model.encode([question])[0].astype(np.float32)
     probe = Probe(scope=scope, vector=vector.astype(np.float16).tobytes(), marks=marks(question))
     entries = _entries(cache.get(scope), len(probe.vector))

@@ -83,7 +83,7 @@ def rates(pairs: list[tuple[bool, float, bool]], threshold: float, *, marks: boo
 
 # Measured with the default threshold (docs/semantic-cache.md); a change that
 # serves more wrong answers fails here.
-# Measured: 2.5 % / 10.0 % and 4.0 % / 3.0 %, with a pair's worth of margin.
+# Measured: 2.5 % / 9.2 % and 4.0 % / 3.0 %, with a pair's worth of margin.
 REPORTED = {
     "semantic_pairs.tsv": {"false_hit_at_most": 0.04, "true_hit_at_least": 0.08},
     "semantic_pairs_heldout.tsv": {"false_hit_at_most": 0.05, "true_hit_at_least": 0.02},
@@ -122,12 +122,33 @@ def test_marks_tell_apart_what_the_embedding_cannot():
     assert not ok("cookies with eggs", "cookies without eggs")
     assert not ok("who invented the telephone", "when was the telephone invented")
     assert not ok("How many cups are in a liter?", "How many liters are in a cup?")
+    assert not ok("Write a cover letter for Alice Smith", "Write a cover letter for Bob Jones")
+    assert not ok("What is the capital of France?", "What is the capital of Germany?")
+    assert ok("How do I clear the Chrome cache?", "clear chrome cache how")
     assert ok("How do I cancel my subscription?", "i want to cancel my subscription, how?")
     assert ok("recipe for two people", "recipe for 2 people")
     assert ok("turn on dark mode", "how do I turn dark mode on")
     # What is kept of a question: digests and words from fixed lists, never its text.
-    kept = semantic_cache.marks("call 555-0143 to move with my account alice@example.com")
-    assert "555" not in str(kept) and "alice" not in str(kept) and kept["polar"] == "with"
+    kept = semantic_cache.marks("Call 555-0143 to move with my account, Alice Smith")
+    assert not {"555", "0143", "alice", "smith"} & set(str(kept).casefold().split())
+    assert kept["polar"] == "with"
+
+
+def test_a_question_with_personal_data_is_never_looked_up_or_kept(settings, semantic_on):
+    from chat.callpath import ModelPlan
+    from chat.providers import ChatMessage
+
+    def look_up(question: str):
+        return semantic_cache.lookup(
+            plan=ModelPlan(model="demo:demo"),
+            version_id=None,
+            history=[ChatMessage(role="user", content=question)],
+        )
+
+    # No probe: nothing to store its answer under either.
+    assert look_up("Write to alice@example.com that I cancel my subscription") == (None, None)
+    assert look_up("My card 4111 1111 1111 1111 was charged twice") == (None, None)
+    assert look_up("Write that I cancel my subscription")[1] is not None
 
 
 ASKED = "How do I cancel my subscription before the trial ends?"
@@ -166,6 +187,28 @@ async def test_a_paraphrase_is_answered_from_the_cache(ws, make_user, semantic_o
         before, "ai_cache_requests_total", result="miss"
     )
     assert (hits, misses) == (1, 2)
+
+
+LETTER = (
+    "Write a cover letter for a pediatric nurse position at a children's hospital in the city,"
+    " mentioning five years of experience in intensive care, calm under pressure, good with"
+    " families and fluent in Spanish, signed by {}."
+)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_answer_about_one_person_is_not_given_for_another(ws, make_user, semantic_on):
+    # The two requests embed 0.99 apart: only the names mark tells them apart.
+    alice = await ws(await user_cookie(make_user, "alice"))
+    _, first = await ask(alice, LETTER.format("Alice Smith"))
+    assert first[-1]["cached"] is False
+    bob = await ws(await user_cookie(make_user, "bob"))
+    _, second = await ask(bob, LETTER.format("Alice Jones"))
+    assert second[-1]["cached"] is False
+    # The same request in other words is still served.
+    carol = await ws(await user_cookie(make_user, "carol"))
+    _, third = await ask(carol, "Please " + LETTER.format("Alice Smith").lower())
+    assert third[-1]["cached"] is True and delta_text(third) == delta_text(first)
 
 
 @pytest.mark.django_db(transaction=True)
