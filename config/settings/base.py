@@ -339,6 +339,8 @@ CHAT_SEMANTIC_CACHE = env.bool("CHAT_SEMANTIC_CACHE", default=False)
 CHAT_SEMANTIC_CACHE_THRESHOLD = env.float("CHAT_SEMANTIC_CACHE_THRESHOLD", default=0.95)
 # A sentence-transformers model directory; empty = the bundled all-MiniLM-L6-v2.
 CHAT_SEMANTIC_CACHE_MODEL = env.str("CHAT_SEMANTIC_CACHE_MODEL", default="")
+# The longest a question waits for its lookup before the model answers it.
+CHAT_SEMANTIC_CACHE_WAIT_MS = env.int("CHAT_SEMANTIC_CACHE_WAIT_MS", default=50)
 # Answers kept per model version and context (the newest stay).
 CHAT_SEMANTIC_CACHE_ENTRIES = env.int("CHAT_SEMANTIC_CACHE_ENTRIES", default=500)
 

@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
-def model() -> semantic_cache.Embedder:
+def model() -> Iterator[semantic_cache.Embedder]:
     """The bundled embedding model, loaded once (seconds) for the module."""
     found = semantic_cache.Embedder(semantic_cache.BUNDLED_MODEL)
     try:
@@ -37,7 +38,8 @@ def model() -> semantic_cache.Embedder:
         if IN_CI:
             pytest.fail(f"CI: {reason}")
         pytest.skip(reason)
-    return found
+    yield found
+    found.close()
 
 
 @pytest.fixture
@@ -45,6 +47,8 @@ def semantic_on(settings, model, monkeypatch):
     """The semantic cache on, with the loaded model (as after a server's first question)."""
     settings.CHAT_SEMANTIC_CACHE = True
     settings.CHAT_SEMANTIC_CACHE_MODEL = ""
+    # Long enough for a loaded CI machine; the bound itself has its own test.
+    settings.CHAT_SEMANTIC_CACHE_WAIT_MS = 30_000
     monkeypatch.setitem(semantic_cache._embedders, semantic_cache.BUNDLED_MODEL, model)
     settings.METRICS_TOKEN = TOKEN
 
@@ -368,3 +372,68 @@ def test_staff_see_whether_it_is_on(client, make_user, settings):
     settings.CHAT_SEMANTIC_CACHE = True
     page = client.get("/admin/chat/message/response-cache/").content.decode()
     assert "semantic cache</strong> is on" in page and "0.95" in page
+
+
+async def test_questions_that_wait_together_are_embedded_together(semantic_on, model, monkeypatch):
+    from chat.callpath import ModelPlan
+    from chat.providers import ChatMessage
+
+    batches: list[int] = []
+    real_encode = model.encode
+
+    def encode(texts):
+        batches.append(len(texts))
+        return real_encode(texts)
+
+    monkeypatch.setattr(model, "encode", encode)
+    # The model's thread is busy (a batch being embedded, say) while 20 arrive.
+    busy = threading.Event()
+    semantic_cache._executor.submit(busy.wait, 30)
+    asked = [
+        asyncio.ensure_future(
+            semantic_cache.lookup_async(
+                plan=ModelPlan(model="demo:demo"),
+                version_id=None,
+                history=[ChatMessage(role="user", content=f"How do I rotate API key number {n}?")],
+            )
+        )
+        for n in range(20)
+    ]
+    waiting = semantic_cache.MAX_WAITING
+    done, _ = await asyncio.wait(asked, return_when=asyncio.FIRST_COMPLETED)
+    # Those beyond the queue's bound are misses at once: no one waits long for a cache.
+    assert len(done) == 20 - waiting
+    assert all(f.result()[0] is None and f.result()[1]() is None for f in done)
+    busy.set()
+    found = await asyncio.gather(*asked[:waiting])
+    assert batches == [waiting]
+    probes = [probe() for hit, probe in found if hit is None]
+    assert len(probes) == waiting and None not in probes
+    assert len({p.marks["numbers"] for p in probes}) == waiting  # each its own
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_reply_waits_for_its_lookup_no_longer_than_the_setting(
+    ws, make_user, settings, semantic_on
+):
+    from chat.callpath import ModelPlan
+    from chat.providers import ChatMessage
+
+    settings.CHAT_SEMANTIC_CACHE_WAIT_MS = 50
+    busy = threading.Event()
+    semantic_cache._executor.submit(busy.wait, 30)  # the model's thread is stuck
+    try:
+        alice = await ws(await user_cookie(make_user, "alice"))
+        _, frames = await ask(alice, ASKED)  # the model answers meanwhile
+        assert frames[-1]["cached"] is False and frames[-1]["finish_reason"] == "stop"
+        hit, probe = await semantic_cache.lookup_async(
+            plan=ModelPlan(model="demo:demo"),
+            version_id=None,
+            history=[ChatMessage(role="user", content=PARAPHRASE)],
+        )
+        assert hit is None and probe() is None  # not done yet
+    finally:
+        busy.set()
+    # Once done, the late lookup still tells where its answer would be kept.
+    await asyncio.wrap_future(semantic_cache._executor.submit(lambda: None))
+    assert probe() is not None
