@@ -61,6 +61,8 @@ _KEY_PREFIX = "chat:semantic:"
 BUNDLED_MODEL = embedding_worker.BUNDLED_MODEL
 # A batch the model's process has not embedded by then fails its lookups (misses).
 ENCODE_TIMEOUT_S = 10
+# Starting the process and loading the model: ~7-9 s on a 2-core machine.
+LOAD_TIMEOUT_S = 120
 # Questions waiting for the model beyond which a question is a miss at once,
 # and the most it embeds in one batch (~75 ms on a 2-core machine): a burst
 # never waits seconds for a cache.
@@ -234,7 +236,7 @@ class _WorkerModel:
         )
         try:
             # Returns once the model is in; a model that cannot load breaks the pool.
-            self.encode(["ready"])
+            self._pool.submit(embedding_worker.encode, ["ready"]).result(timeout=LOAD_TIMEOUT_S)
         except BrokenProcessPool:
             self.close()
             raise Unavailable(
