@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -105,6 +106,16 @@ _NUMBER_WORDS = {
     )
 }
 _KINDS = frozenset({"who", "whom", "whose", "when", "where", "why"})
+# "not" and its kin; "n't" splits into a word ending in n and a "t".
+_NEGATIONS = frozenset(
+    {"not", "no", "never", "none", "nothing", "nobody", "neither", "nor", "cannot"}
+    | {"dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "cant", "wont"}
+    | {"shouldnt", "couldnt", "wouldnt", "hasnt", "havent", "hadnt", "mustnt", "neednt"}
+)
+_ORDINAL = re.compile(
+    r"^(?:first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|last|next"
+    r"|previous|penultimate|\d+(?:st|nd|rd|th))$"
+)
 _OPPOSITE_PAIRS = """
     with/without on/off in/out up/down over/under above/below inside/outside
     before/after early/late earlier/later first/last start/stop open/close
@@ -140,6 +151,12 @@ def _names(question: str) -> set[str]:
     }
 
 
+def _negated(words: list[str]) -> bool:
+    if _NEGATIONS.intersection(words):
+        return True
+    return any(w == "t" and prev.endswith("n") for prev, w in itertools.pairwise(words))
+
+
 def marks(question: str) -> dict[str, str]:
     """Return what `compatible` compares: digests and closed-class words only."""
     words = _WORD.findall(question.casefold())
@@ -151,6 +168,8 @@ def marks(question: str) -> dict[str, str]:
         "bag": _digest(sorted(stems)),
         "order": _digest(stems),
         "kinds": " ".join(sorted(_KINDS.intersection(words))),
+        "negated": "1" if _negated(words) else "",
+        "ordinals": " ".join(w for w in words if _ORDINAL.match(w)),
         "polar": " ".join(sorted(_POLAR.intersection(words))),
         # Digests of single words, which a dictionary can match: the cache that
         # holds them holds the answers too, and must be as private as they are.
@@ -161,7 +180,7 @@ def marks(question: str) -> dict[str, str]:
 
 def compatible(asked: dict[str, str], earlier: dict[str, str]) -> bool:
     """Return whether an answer to the earlier question may answer the asked one."""
-    if asked.get("numbers") != earlier.get("numbers") or asked.get("kinds") != earlier.get("kinds"):
+    if any(asked.get(k) != earlier.get(k) for k in ("numbers", "kinds", "negated", "ordinals")):
         return False
     if asked.get("bag") == earlier.get("bag") and asked.get("order") != earlier.get("order"):
         return False
@@ -227,7 +246,9 @@ class _WorkerModel:
     """The model in a worker process (chat/embedding_worker.py): no GIL shared with the loop."""
 
     def __init__(self, name: str) -> None:
-        # Spawned, not forked: a fork of a threaded server copies its locks.
+        # Spawned, not forked: a fork of a threaded server copies its locks. A
+        # spawned process imports the parent's main module again, which must be
+        # import-safe (uvicorn's, pytest's and manage.py are).
         self._pool = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),

@@ -87,10 +87,12 @@ def rates(pairs: list[tuple[bool, float, bool]], threshold: float, *, marks: boo
 
 # Measured with the default threshold (docs/semantic-cache.md); a change that
 # serves more wrong answers fails here.
-# Measured: 2.5 % / 9.2 % and 4.0 % / 3.0 %, with a pair's worth of margin.
+# Measured: 2.5 % / 8.3 %, 1.0 % / 3.0 % and 0.0 % / 3.0 %, with margin for a
+# pair or two (another machine's floating point may move one across).
 REPORTED = {
-    "semantic_pairs.tsv": {"false_hit_at_most": 0.04, "true_hit_at_least": 0.08},
-    "semantic_pairs_heldout.tsv": {"false_hit_at_most": 0.05, "true_hit_at_least": 0.02},
+    "semantic_pairs.tsv": {"false_hit_at_most": 0.04, "true_hit_at_least": 0.07},
+    "semantic_pairs_heldout.tsv": {"false_hit_at_most": 0.02, "true_hit_at_least": 0.02},
+    "semantic_pairs_heldout2.tsv": {"false_hit_at_most": 0.02, "true_hit_at_least": 0.02},
 }
 
 
@@ -126,6 +128,12 @@ def test_marks_tell_apart_what_the_embedding_cannot():
     assert not ok("cookies with eggs", "cookies without eggs")
     assert not ok("who invented the telephone", "when was the telephone invented")
     assert not ok("How many cups are in a liter?", "How many liters are in a cup?")
+    assert not ok("highlight cells that do not contain late", "highlight cells that contain late")
+    assert not ok(
+        "regex for lines that don't start with a number", "regex for lines that start with a number"
+    )
+    assert not ok("SQL for the third highest salary", "SQL for the second highest salary")
+    assert ok("Why doesn't my printer print?", "my printer does not print, why?")
     assert not ok("Write a cover letter for Alice Smith", "Write a cover letter for Bob Jones")
     assert not ok("What is the capital of France?", "What is the capital of Germany?")
     assert ok("How do I clear the Chrome cache?", "clear chrome cache how")
