@@ -86,11 +86,12 @@ class Probe:
 # What an embedding overlooks, checked before an answer is served (measured in
 # docs/semantic-cache.md): numbers ("a 12-pound turkey" / "a 20-pound turkey"),
 # the order of the same words ("10 miles to km" / "10 km to miles"), the kind
-# of question ("who invented" / "when was ... invented"), opposites ("with
-# eggs" / "without eggs") and names: a capitalised word inside a sentence
-# must be a word of the other question too, so "a cover letter for Alice
-# Smith" never gets Bob Jones's. A question that differs in any of them is a
-# miss. English only; a miss only costs a model call.
+# of question ("who invented" / "when was ... invented"), negation ("cells
+# that do not contain"), ordinals ("the third highest" / "the second"),
+# opposites ("with eggs" / "without eggs") and names: a capitalised word
+# inside a sentence must be a word of the other question too, so "a cover
+# letter for Alice Smith" never gets Bob Jones's. A question that differs in
+# any of them is a miss. English only; a miss only costs a model call.
 _WORD = re.compile(r"\w+")
 _NAME = re.compile(r"\b[A-Z]\w*")
 # Where a sentence starts: its first word is capitalised as a matter of course.

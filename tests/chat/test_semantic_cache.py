@@ -44,7 +44,7 @@ def model() -> Iterator[semantic_cache.Embedder]:
 
 @pytest.fixture
 def semantic_on(settings, model, monkeypatch):
-    """The semantic cache on, with the loaded model (as after a server's first question)."""
+    """The semantic cache on, with the model loaded (as a server loads it before serving)."""
     settings.CHAT_SEMANTIC_CACHE = True
     settings.CHAT_SEMANTIC_CACHE_MODEL = ""
     # Long enough for a loaded CI machine; the bound itself has its own test.
