@@ -220,6 +220,7 @@ class Embedder:
     def load(self) -> None:
         """Load the model (seconds); raise Unavailable if it cannot be."""
         with self._lock:
+            self._load_claimed = True  # whoever loads, nobody else starts a load
             if self._model is not None:
                 return
             if self._failed is not None:
@@ -233,7 +234,22 @@ class Embedder:
     def encode(self, texts: list[str]) -> Any:
         """Return the texts' unit vectors as a float32 matrix, a row each."""
         self.load()
-        return self._model.encode(texts)
+        model = self._model
+        try:
+            return model.encode(texts)
+        except BrokenProcessPool:
+            # The model's process died (killed, out of memory): say so once;
+            # every question is a miss until the server restarts.
+            with self._lock:
+                if self._model is model:
+                    self._model = None
+                    self._failed = Unavailable("the model's process has died")
+                    logger.warning(
+                        "semantic cache unavailable, every question is a miss: "
+                        "the model's process has died"
+                    )
+            model.close()
+            raise Unavailable("the model's process has died") from None
 
     def close(self) -> None:
         """Stop the model's process (a later `load` starts it again)."""

@@ -332,6 +332,32 @@ async def test_a_model_that_cannot_load_costs_a_reply_nothing(
         semantic_cache.embedder().load()
 
 
+@pytest.mark.django_db(transaction=True)
+async def test_a_model_process_that_dies_costs_a_reply_nothing(
+    ws, make_user, settings, caplog, model, monkeypatch
+):
+    import os
+    import signal
+
+    settings.CHAT_SEMANTIC_CACHE = True
+    settings.CHAT_SEMANTIC_CACHE_WAIT_MS = 30_000
+    own = semantic_cache.Embedder(semantic_cache.BUNDLED_MODEL)  # the module's stays alive
+    await database_sync_to_async(own.load)()
+    monkeypatch.setitem(semantic_cache._embedders, semantic_cache.BUNDLED_MODEL, own)
+    (pid,) = own._model._pool._processes  # its one worker
+    os.kill(pid, signal.SIGKILL)
+    caplog.set_level(logging.WARNING)
+    alice = await ws(await user_cookie(make_user, "alice"))
+    for question in (ASKED, PARAPHRASE, LOOKALIKE):
+        _, frames = await ask(alice, question)
+        assert frames[-1]["finish_reason"] == "stop" and frames[-1]["cached"] is False
+    said = [r.getMessage() for r in caplog.records if "process has died" in r.getMessage()]
+    assert said == [
+        "semantic cache unavailable, every question is a miss: the model's process has died"
+    ]
+    assert not own.ready
+
+
 def test_only_the_newest_answers_stay_and_damaged_entries_are_dropped(settings, semantic_on, model):
     from django.core.cache import cache
 
