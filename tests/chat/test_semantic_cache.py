@@ -396,6 +396,25 @@ def test_a_check_warns_when_the_model_is_not_installed(settings, monkeypatch):
     )
     found = [m for m in checks.run_checks() if m.id == "chat.W001"]
     assert len(found) == 1 and "requirements-semantic.lock" in found[0].hint
+    # A model of one's own needs sentence-transformers all the same.
+    settings.CHAT_SEMANTIC_CACHE_MODEL = "/srv/models/my-embedder"
+    assert [m.id for m in checks.run_checks() if m.id == "chat.W001"] == ["chat.W001"]
+
+
+def test_a_server_loads_the_model_once_before_serving(settings, model, monkeypatch):
+    settings.CHAT_SEMANTIC_CACHE_MODEL = "loaded-at-start"
+    monkeypatch.delitem(semantic_cache._embedders, "loaded-at-start", raising=False)
+    loads: list[str] = []
+
+    def load(name: str):
+        loads.append(name)
+        return model._model
+
+    monkeypatch.setattr(semantic_cache, "_load_model", load)
+    semantic_cache.warm()
+    semantic_cache.warm()
+    assert loads == ["loaded-at-start"] and semantic_cache.embedder().ready
+    semantic_cache._embedders.pop("loaded-at-start")
 
 
 @pytest.mark.django_db
