@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connections, transaction
@@ -38,7 +39,7 @@ from chat.models import Message
 from chat.owners import Owner
 from chat.pricing import reply_cost
 from chat.providers import ChatMessage, Usage
-from chat.replay import ReplyBuffer, hub
+from chat.replay import ReplyBuffer, hub, partial_key, store_partials
 from chat.safety import InjectionVerdict, injection_score, limits, moderation
 from chat.safety.errors import InvalidInput as TextRefused
 from chat.safety.input import check_user_text
@@ -789,7 +790,7 @@ async def _store(
     priced = usage is not None and not result.cached
     # The store must happen even while this task is being cancelled again.
     cost = await asyncio.shield(
-        _finish_batched(
+        _finish_with_retries(
             accepted=accepted,
             finish_kwargs=finish_kwargs,
             priced=priced,
@@ -799,16 +800,23 @@ async def _store(
             ),
         )
     )
-    metrics.reply_observed(
-        model=model,
-        outcome=result.finish_reason,
-        ttft_s=None if ttft_ms is None else ttft_ms / 1000,
-        duration_s=latency_ms / 1000,
-        prompt_tokens=usage.prompt_tokens if usage else 0,
-        completion_tokens=usage.completion_tokens if usage else 0,
-        cost_usd=float(cost),
-        error_code=result.error.code if result.error else "",
-    )
+    if cost is None:
+        # Not stored: the user hears so, and the reaper fails the row later
+        # with the text kept for it (and counts it then, in the metrics).
+        result.error = Internal("Your reply could not be saved. Please try again.")
+        result.finish_reason = "error"
+        cost = Decimal("0")
+    else:
+        metrics.reply_observed(
+            model=model,
+            outcome=result.finish_reason,
+            ttft_s=None if ttft_ms is None else ttft_ms / 1000,
+            duration_s=latency_ms / 1000,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            cost_usd=float(cost),
+            error_code=result.error.code if result.error else "",
+        )
     return {
         "type": "chat.done",
         "message": accepted.reply_id,
@@ -823,6 +831,46 @@ async def _store(
         "ttft_ms": ttft_ms,
         "latency_ms": latency_ms,
     }
+
+
+# Seconds to wait before each new try at storing a finished reply: a
+# database that is locked or failing over for a moment costs no reply.
+FINISH_RETRY_DELAYS_S = (0.2, 1.0, 3.0)
+
+
+async def _finish_with_retries(*, accepted: Accepted, **kwargs: Any) -> Decimal | None:
+    """Store the finished reply and settle its budget; return its cost, or None if not stored.
+
+    A reply whose store fails every try is logged and reported (its id and
+    the error's type, never its text). Its row stays pending until the
+    reaper fails it, as for a process that died (monitoring.services
+    .replies_reap), and its text waits for the reaper in the cache.
+    """
+    for delay in (*FINISH_RETRY_DELAYS_S, None):
+        try:
+            cost: Decimal = await _finish_batched(accepted=accepted, **kwargs)
+            return cost
+        except Exception as exc:
+            if delay is None:
+                logger.error(
+                    "reply %s could not be stored: %s", accepted.reply_id, type(exc).__name__
+                )
+                report_exception(exc)
+                text = kwargs["finish_kwargs"]["content"]
+                if text:
+                    with contextlib.suppress(Exception):
+                        await sync_to_async(store_partials, thread_sensitive=False)(
+                            {partial_key(accepted.reply_id): text}
+                        )
+                return None
+            logger.warning(
+                "reply %s not stored yet (%s); trying again in %.1f s",
+                accepted.reply_id,
+                type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+    return None
 
 
 def _price(*, finish_kwargs: dict[str, Any], priced: bool, **_: Any) -> dict[str, Any]:

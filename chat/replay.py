@@ -35,11 +35,13 @@ _STOP_KEY = "chat:stop:{}"
 
 
 def partial_key(reply_id: int) -> str:
-    """Return the cache key of a running reply's checkpointed text (embedded mode)."""
+    """Return the cache key of a running reply's checkpointed text (embedded mode),
+    or of a finished reply's that could not be stored (either mode)."""
     return _PARTIAL_KEY.format(reply_id)
 
 
-def _store_partials(texts: dict[str, str]) -> None:
+def store_partials(texts: dict[str, str]) -> None:
+    """Keep replies' text where the reaper looks for it: {partial_key(id): text}."""
     from django.core.cache import cache
 
     cache.set_many(texts, timeout=settings.CHAT_REPLY_MAX_SECONDS * 2)
@@ -228,7 +230,7 @@ class ReplayHub:
                 written[b.reply_id] = len(b.texts)
             if changed:
                 try:
-                    await sync_to_async(_store_partials, thread_sensitive=False)(changed)
+                    await sync_to_async(store_partials, thread_sensitive=False)(changed)
                 except Exception:
                     logger.warning("replay checkpoint failed", exc_info=True)
 

@@ -341,15 +341,26 @@ def spend_check(*, now: dt.datetime | None = None) -> Alert | None:
 
 
 def _streamed_text(reply_id: int) -> str | None:
-    """Return the text a dead process streamed: its Redis replay stream when
-    scaled, else the last checkpoint it wrote to the shared cache."""
-    if not settings.REDIS_URL:
-        from django.core.cache import cache
+    """Return the text a reply's user saw: its Redis replay stream when scaled,
+    else (or once that has expired) the text kept for the reaper in the cache:
+    a dead process's last checkpoint, or a finished reply that could not be
+    stored."""
+    from django.core.cache import cache
 
-        from chat.replay import partial_key
+    from chat.replay import partial_key
 
+    streamed = _replay_stream_text(reply_id) if settings.REDIS_URL else None
+    if streamed:
+        return streamed
+    try:
         text = cache.get(partial_key(reply_id))
-        return text if isinstance(text, str) and text else None
+    except Exception:
+        logger.warning("reaper: kept text of reply %s unreadable", reply_id, exc_info=True)
+        return None
+    return text if isinstance(text, str) and text else None
+
+
+def _replay_stream_text(reply_id: int) -> str | None:
     try:
         import redis
 
