@@ -85,18 +85,22 @@ class Probe:
 
 # What an embedding overlooks, checked before an answer is served (measured in
 # docs/semantic-cache.md): numbers ("a 12-pound turkey" / "a 20-pound turkey"),
-# the order of the same words ("10 miles to km" / "10 km to miles"), the kind
-# of question ("who invented" / "when was ... invented"), negation ("cells
-# that do not contain"), ordinals ("the third highest" / "the second"),
-# opposites ("with eggs" / "without eggs") and names: a capitalised word
-# inside a sentence must be a word of the other question too, so "a cover
-# letter for Alice Smith" never gets Bob Jones's. A question that differs in
-# any of them is a miss. English only; a miss only costs a model call.
+# units ("6 weeks old" / "6 months old"), the order of the same words ("10
+# miles to km" / "10 km to miles"), what moves where ("a PDF to Word" / "a
+# Word document to PDF"), the kind of question ("who invented" / "when was
+# ... invented"), quantifiers ("any element" / "all elements"), negation
+# ("cells that do not contain"), ordinals ("the third highest" / "the
+# second"), opposites ("with eggs" / "without eggs")
+# and names: a capitalised word inside a sentence must be a word of the other
+# question too, so "a cover letter for Alice Smith" never gets Bob Jones's. A
+# question that differs in any of them is a miss. English only; a miss only
+# costs a model call.
 _WORD = re.compile(r"\w+")
 _NAME = re.compile(r"\b[A-Z]\w*")
 # Where a sentence starts: its first word is capitalised as a matter of course.
 _SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s+|\n)\W*(?=\w)")
-_NUMBER = re.compile(r"\b\d+(?:[.,/:]\d+)*\b")
+# "50/30/20" and "50 30 20" are the same numbers; "1.5" and "1,000" one each.
+_NUMBER = re.compile(r"\b\d+(?:[.,]\d+)*\b")
 _NUMBER_WORDS = {
     word: str(n)
     for n, word in enumerate(
@@ -107,6 +111,8 @@ _NUMBER_WORDS = {
     )
 }
 _KINDS = frozenset({"who", "whom", "whose", "when", "where", "why"})
+# "any" / "all" / "every other": how much of something a question is about.
+_QUANTIFIERS = frozenset({"all", "any", "every", "each", "some", "other", "both", "either", "only"})
 # "not" and its kin; "n't" splits into a word ending in n and a "t".
 _NEGATIONS = frozenset(
     {"not", "no", "never", "none", "nothing", "nobody", "neither", "nor", "cannot"}
@@ -133,9 +139,64 @@ _OPPOSITE_PAIRS = """
     hot/cold hotter/colder hottest/coldest warm/cool closest/farthest
     nearest/farthest cheap/expensive cheapest/dearest light/dark positive/negative
     true/false advantages/disadvantages pros/cons benefits/risks
+    old/new older/newer oldest/newest oldest/latest young/old public/private
+    optional/required key/value keys/values buyer/seller landlord/tenant
+    employer/employee lender/borrower lend/borrow debit/credit deposit/withdraw
+    deposit/withdrawal income/expense profit/loss assets/liabilities
+    sender/recipient client/server input/output read/write internal/external
+    incoming/outgoing inbound/outbound horizontal/vertical horizontally/vertically
+    left/right north/south east/west top/bottom front/back forward/backward
+    uppercase/lowercase upper/lower prefix/suffix leading/trailing start/end
+    beginning/end add/subtract multiply/divide plus/minus rise/fall
+    sunrise/sunset summer/winter day/night morning/evening past/future
+    yesterday/tomorrow male/female men/women boy/girl husband/wife
+    mother/father son/daughter wet/dry thick/thin heavy/light soft/hard
+    loose/tight strong/weak safe/unsafe legal/illegal valid/invalid
+    visible/hidden online/offline local/remote static/dynamic sync/async
+    synchronous/asynchronous mutable/immutable login/logout activate/deactivate
+    pause/resume block/unblock ban/unban pin/unpin archive/unarchive
+    upgrade/downgrade minimize/maximize overestimate/underestimate
+    overcooked/undercooked overweight/underweight bullish/bearish
+    increase/lower increase/reduce raise/reduce raise/decrease boost/reduce
+    accept/refuse adult/child adults/children morning/night won/lost winner/loser
+    cheapest/expensive cheaper/expensive thicker/thinner indoors/outdoors
+    indoor/outdoor can/should could/should may/should must/should within/after
 """
 _OPPOSITES = [tuple(pair.split("/")) for pair in _OPPOSITE_PAIRS.split()]
 _POLAR = frozenset(word for pair in _OPPOSITES for word in pair)
+# Units, each spelling under one name: "6 weeks old" is not "6 months old".
+_UNIT_NAMES = """
+    second=s,sec,secs,second,seconds minute=min,mins,minute,minutes
+    hour=h,hr,hrs,hour,hours day=day,days week=wk,wks,week,weeks
+    month=mo,month,months year=yr,yrs,year,years decade=decade,decades
+    century=century,centuries mm=mm,millimeter,millimeters,millimetre,millimetres
+    cm=cm,centimeter,centimeters,centimetre,centimetres
+    m=meter,meters,metre,metres km=km,kms,kilometer,kilometers,kilometre,kilometres
+    inch=in,inch,inches foot=ft,foot,feet yard=yd,yds,yard,yards mile=mi,mile,miles
+    mg=mg,milligram,milligrams g=gram,grams kg=kg,kgs,kilo,kilos,kilogram,kilograms
+    lb=lb,lbs,pound,pounds oz=oz,ounce,ounces stone=stone,stones ton=ton,tons,tonne,tonnes
+    ml=ml,milliliter,milliliters,millilitre,millilitres l=liter,liters,litre,litres
+    cup=cup,cups tbsp=tbsp,tablespoon,tablespoons tsp=tsp,teaspoon,teaspoons
+    gallon=gal,gallon,gallons quart=qt,quart,quarts pint=pt,pint,pints
+    usd=usd,dollar,dollars,buck,bucks eur=eur,euro,euros gbp=gbp,quid
+    jpy=jpy,yen cad=cad aud=aud chf=chf inr=inr,rupee,rupees cny=cny,yuan
+    celsius=celsius,centigrade fahrenheit=fahrenheit kelvin=kelvin
+    kb=kb,kilobyte,kilobytes mb=mb,megabyte,megabytes gb=gb,gigabyte,gigabytes
+    tb=tb,terabyte,terabytes byte=byte,bytes bit=bit,bits
+    percent=percent,percentage kwh=kwh kw=kw,kilowatt,kilowatts w=watt,watts
+    mph=mph kph=kph,kmh calorie=calorie,calories,kcal
+"""
+_UNITS = {
+    spelling: name
+    for entry in _UNIT_NAMES.split()
+    for name, spellings in [entry.split("=")]
+    for spelling in (name, *spellings.split(","))
+}
+# Spellings that are also common words count as units only right after a number.
+_UNITS_AFTER_NUMBERS = frozenset({"s", "h", "m", "g", "l", "w", "in", "mo", "pt", "min"})
+_UNIT_AFTER_NUMBER = re.compile(r"(?<![\w.,])(\d+(?:[.,]\d+)?)\s*([a-z]+)\b")
+# "from A to B" / "A to B" / "B into A": which words a question moves from and to.
+_DIRECTIONS = {"from": "from", "to": "to", "into": "to", "onto": "to"}
 
 
 def _digest(parts: list[str], size: int = 16) -> str:
@@ -158,6 +219,44 @@ def _negated(words: list[str]) -> bool:
     return any(w == "t" and prev.endswith("n") for prev, w in itertools.pairwise(words))
 
 
+def _units(folded: str, words: list[str]) -> set[str]:
+    found = {_UNITS[w] for w in words if w in _UNITS and w not in _UNITS_AFTER_NUMBERS}
+    if "%" in folded:
+        found.add("percent")
+    found.update(
+        _UNITS[unit]
+        for _, unit in _UNIT_AFTER_NUMBER.findall(folded)
+        if unit in _UNITS_AFTER_NUMBERS
+    )
+    return found
+
+
+def _directions(words: list[str]) -> dict[str, str]:
+    """Return digests of the words a question moves from, and of those it moves to.
+
+    Before a "to" with no "from", the words are where it moves from: "convert
+    a PDF to Word" moves from "pdf" (and "convert") to "word".
+    """
+    sides: dict[str, set[str]] = {"from": set(), "to": set()}
+    first = next((_DIRECTIONS[w] for w in words if w in _DIRECTIONS), "")
+    side = "from" if first == "to" else ""
+    for word in words:
+        if word in _DIRECTIONS:
+            side = _DIRECTIONS[word]
+        elif side:
+            sides[side].add(_digest([word], 8))
+    return {"from": " ".join(sorted(sides["from"])), "to": " ".join(sorted(sides["to"]))}
+
+
+def _reversed(asked: dict[str, str], earlier: dict[str, str]) -> bool:
+    """Return whether one question moves a word one way and another word the other way."""
+    sides = [set(m.get(k, "").split()) for m in (asked, earlier) for k in ("from", "to")]
+    a_from, a_to, e_from, e_to = sides
+    there = (a_from - a_to) & (e_to - e_from)
+    back = (a_to - a_from) & (e_from - e_to)
+    return bool(there and back)
+
+
 def marks(question: str) -> dict[str, str]:
     """Return what `compatible` compares: digests and closed-class words only."""
     words = _WORD.findall(question.casefold())
@@ -169,6 +268,7 @@ def marks(question: str) -> dict[str, str]:
         "bag": _digest(sorted(stems)),
         "order": _digest(stems),
         "kinds": " ".join(sorted(_KINDS.intersection(words))),
+        "quantifiers": " ".join(sorted(_QUANTIFIERS.intersection(words))),
         "negated": "1" if _negated(words) else "",
         "ordinals": " ".join(w for w in words if _ORDINAL.match(w)),
         "polar": " ".join(sorted(_POLAR.intersection(words))),
@@ -176,12 +276,19 @@ def marks(question: str) -> dict[str, str]:
         # holds them holds the answers too, and must be as private as they are.
         "words": " ".join(sorted({_digest([w], 8) for w in words})),
         "names": " ".join(sorted({_digest([w], 8) for w in _names(question)})),
+        "units": " ".join(sorted(_units(question.casefold(), words))),
+        **_directions(words),
     }
 
 
 def compatible(asked: dict[str, str], earlier: dict[str, str]) -> bool:
     """Return whether an answer to the earlier question may answer the asked one."""
-    if any(asked.get(k) != earlier.get(k) for k in ("numbers", "kinds", "negated", "ordinals")):
+    if any(
+        asked.get(k) != earlier.get(k)
+        for k in ("numbers", "units", "kinds", "quantifiers", "negated", "ordinals")
+    ):
+        return False
+    if _reversed(asked, earlier):
         return False
     if asked.get("bag") == earlier.get("bag") and asked.get("order") != earlier.get("order"):
         return False

@@ -1,6 +1,6 @@
 """The semantic cache (off by default): paraphrases served, look-alikes not, failures harmless.
 
-The false-hit rate is measured with the real embedding model on two labelled
+The false-hit rate is measured with the real embedding model on five labelled
 sets of question pairs (tests/chat/data/semantic_pairs*.tsv) and reported in
 docs/semantic-cache.md; the test fails if it gets worse than reported.
 """
@@ -87,12 +87,16 @@ def rates(pairs: list[tuple[bool, float, bool]], threshold: float, *, marks: boo
 
 # Measured with the default threshold (docs/semantic-cache.md); a change that
 # serves more wrong answers fails here.
-# Measured: 2.5 % / 8.3 %, 1.0 % / 3.0 % and 0.0 % / 3.0 %, with margin for a
-# pair or two (another machine's floating point may move one across).
+# Measured: 0.0 % / 8.3 %, 0.0 % / 3.0 %, 0.0 % / 3.0 %, 0.7 % / 10.7 % and
+# 0.0 % / 5.3 %, with margin for a pair or two (another machine's floating
+# point may move one across). Each set was held out until it was first
+# measured; docs/semantic-cache.md gives those first measurements.
 REPORTED = {
-    "semantic_pairs.tsv": {"false_hit_at_most": 0.04, "true_hit_at_least": 0.07},
+    "semantic_pairs.tsv": {"false_hit_at_most": 0.02, "true_hit_at_least": 0.07},
     "semantic_pairs_heldout.tsv": {"false_hit_at_most": 0.02, "true_hit_at_least": 0.02},
     "semantic_pairs_heldout2.tsv": {"false_hit_at_most": 0.02, "true_hit_at_least": 0.02},
+    "semantic_pairs_heldout3.tsv": {"false_hit_at_most": 0.02, "true_hit_at_least": 0.09},
+    "semantic_pairs_heldout4.tsv": {"false_hit_at_most": 0.014, "true_hit_at_least": 0.04},
 }
 
 
@@ -140,6 +144,18 @@ def test_marks_tell_apart_what_the_embedding_cannot():
     assert ok("How do I cancel my subscription?", "i want to cancel my subscription, how?")
     assert ok("recipe for two people", "recipe for 2 people")
     assert ok("turn on dark mode", "how do I turn dark mode on")
+    assert not ok("How much should a 6 month old eat?", "how much should a 6 week old eat")
+    assert not ok("How do I convert a PDF to Word?", "How do I convert a Word document to PDF?")
+    assert not ok("redirect HTTP to HTTPS in nginx", "redirect HTTPS to HTTP in nginx")
+    assert not ok(
+        "copy a file from a docker container to the host",
+        "copy a file from the host into a docker container",
+    )
+    assert not ok("check if any element is true", "check if all elements are true")
+    assert not ok("sort orders oldest first", "sort orders newest first")
+    assert ok("What is 15% of 80?", "15 percent of 80")
+    assert ok("What is the 50/30/20 budgeting rule?", "explain the 50 30 20 budgeting rule")
+    assert ok("How do I convert a PDF to Word?", "convert pdf to word")
     # What is kept of a question: digests and words from fixed lists, never its text.
     kept = semantic_cache.marks("Call 555-0143 to move with my account, Alice Smith")
     assert not {"555", "0143", "alice", "smith"} & set(str(kept).casefold().split())
