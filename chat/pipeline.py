@@ -59,6 +59,9 @@ class SendRequest:
     content: object
     client_msg_id: uuid.UUID
     conversation_id: int | None
+    # The id as the client wrote it, echoed in its frames (an upper-case or
+    # braced UUID comes back as sent); empty: the canonical form.
+    client_msg_id_text: str = ""
     # Answer this finished last reply's question again (content is ignored).
     regenerate_id: int | None = None
     # Replace this earlier user message (and what followed) with `content`.
@@ -195,13 +198,20 @@ def _store_send(
 
 
 def _ready(
-    *, accepted: Accepted, reservation: limits.Reservation, content: str, cache_on: bool
+    *,
+    accepted: Accepted,
+    reservation: limits.Reservation,
+    content: str,
+    cache_on: bool,
+    client_msg_id: str,
 ) -> tuple[Accepted, Prepared | None]:
+    echo = client_msg_id or accepted.client_msg_id
     if accepted.duplicate:
         # Nothing new will run: give the budget back at once.
         limits.budget_settle(reservation=reservation, cost_usd=Decimal("0"), tokens=0)
-        return accepted, None
-    return accepted.with_reservation(reservation), _prepare(accepted, content, cache_on=cache_on)
+        return dataclasses.replace(accepted, client_msg_id=echo), None
+    ready = dataclasses.replace(accepted, reservation=reservation, client_msg_id=echo)
+    return ready, _prepare(accepted, content, cache_on=cache_on)
 
 
 def _store_new_together(
@@ -394,6 +404,7 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
                 reservation=reservation,
                 content=calls[i].kwargs["content"],
                 cache_on=cache_on,
+                client_msg_id=calls[i].kwargs["request"].client_msg_id_text,
             )
             outcomes[i] = ready
             if ready[0]:

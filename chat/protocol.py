@@ -70,6 +70,7 @@ def parse_send(frame: dict[str, Any]) -> SendRequest:
     return SendRequest(
         content=frame.get("content"),
         client_msg_id=client_msg_id,
+        client_msg_id_text=str(raw_id),
         conversation_id=_int_field(frame, "conversation", required=False),
         regenerate_id=regenerate_id,
         edit_id=edit_id,

@@ -51,9 +51,6 @@ class Accepted:
     bypass_cache: bool = False
     reservation: Reservation | None = None
 
-    def with_reservation(self, reservation: Reservation) -> Accepted:
-        return dataclasses.replace(self, reservation=reservation)
-
 
 def message_accept(
     *,

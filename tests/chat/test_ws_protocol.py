@@ -92,6 +92,22 @@ async def test_duplicate_client_msg_id_is_answered_once(ws, make_user):
     assert len(await messages_of(first["conversation"])) == 2
 
 
+async def test_client_msg_id_comes_back_as_the_client_wrote_it(ws, make_user):
+    # Swift's UUID().uuidString is upper case; a client matches replies by string.
+    comm = await ws(await cookie_for(make_user))
+    frame = send_frame("Which id is mine?", client_msg_id="0F8FAD5B-D9CB-469F-A165-70867728950E")
+    await send(comm, frame)
+    accepted = await recv(comm)
+    assert accepted["client_msg_id"] == "0F8FAD5B-D9CB-469F-A165-70867728950E"
+    await recv_until_done(comm)
+    # The same id in another spelling is the same send, answered once, in its own spelling.
+    braced = "{0f8fad5b-d9cb-469f-a165-70867728950e}"
+    await send(comm, {**frame, "client_msg_id": braced})
+    again = await recv(comm)
+    assert again["duplicate"] is True and again["client_msg_id"] == braced
+    assert again["message"] == accepted["message"]
+
+
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
