@@ -13,6 +13,11 @@ The state lives in Django's cache: Redis in the scaled mode, the shared SQLite
 cache in the embedded one, so every process sees the same breaker. Updates are
 single increments or writes, not transactions: two processes recording at the
 same instant may both open the breaker, which is harmless.
+
+The `ai_circuit_open` gauge is read from that shared state when /metrics is
+scraped (`circuits_open`), not written by the process that opened or closed a
+breaker: a process that opened one and another that closed it would otherwise
+each report their own last word.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from django.conf import settings
 from django.core.cache import cache
 
 from chat import clock
-from monitoring import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,43 @@ _trusted_closed: dict[str, float] = {}
 
 def _key(model: str, part: str) -> str:
     return f"breaker:{model}:{part}"
+
+
+# Models outside the configured ones whose breaker has opened, in any
+# process: one model a slot of the shared cache, so that /metrics on every
+# process lists the same models (one written with `add`, so two processes
+# never take the same slot). Bounded like the metrics' model labels; a slot
+# is kept until the cache is emptied, so a model keeps its series (at 0)
+# after its breaker closes.
+_REGISTRY_SLOTS = 16
+
+
+def _registry_keys() -> list[str]:
+    return [f"breaker:models:{i}" for i in range(_REGISTRY_SLOTS)]
+
+
+def _configured() -> list[str]:
+    return [m for m in (settings.CHAT_MODEL, *settings.CHAT_FALLBACK_MODELS) if m]
+
+
+def _register(model: str) -> None:
+    """Remember in the shared cache that `model`'s breaker has opened, while a slot is free."""
+    if model in _configured():
+        return  # always listed
+    keys = _registry_keys()
+    held = cache.get_many(keys)
+    if model in held.values():
+        return
+    for key in keys:
+        if key in held:
+            continue
+        if cache.add(key, model, timeout=None) or cache.get(key) == model:
+            return
+    logger.warning("%s is not in ai_circuit_open: %d other models hold its slots", model, len(keys))
+
+
+def _registered() -> list[str]:
+    return sorted({str(m) for m in cache.get_many(_registry_keys()).values()})
 
 
 def _incr(key: str, ttl: float | None, delta: int = 1) -> int:
@@ -114,7 +155,10 @@ def _open(model: str, now: float) -> None:
     _trusted_closed.pop(model, None)
     cache.set(_key(model, "opened_at"), now, timeout=None)
     logger.warning("circuit breaker for %s is open", model)
-    metrics.circuit_state(model, True)
+    try:
+        _register(model)
+    except Exception:  # the breaker is open; only its gauge may miss it
+        logger.warning("could not list %s for ai_circuit_open", model, exc_info=True)
 
 
 def _close(model: str) -> None:
@@ -124,22 +168,42 @@ def _close(model: str) -> None:
         + [_key(model, f"{kind}:{b}") for b in buckets for kind in ("calls", "failures")]
     )
     logger.info("circuit breaker for %s is closed again", model)
-    metrics.circuit_state(model, False)
 
 
-def state_of(*, model: str, now: float) -> str:
-    """Return "closed", "open" or "half_open" without taking a probe slot."""
-    opened_at = cache.get(_key(model, "opened_at"))
+def _state(opened_at: float | None, now: float) -> str:
     if opened_at is None:
         return CLOSED
     return OPEN if now < opened_at + settings.CHAT_BREAKER_COOLDOWN_S else HALF_OPEN
 
 
-def breaker_states() -> dict[str, str]:
-    """Return each known model's breaker state (the configured ones and any seen here)."""
-    models = dict.fromkeys([settings.CHAT_MODEL, *settings.CHAT_FALLBACK_MODELS, *sorted(_seen)])
+def state_of(*, model: str, now: float) -> str:
+    """Return "closed", "open" or "half_open" without taking a probe slot."""
+    return _state(cache.get(_key(model, "opened_at")), now)
+
+
+def _states(models: list[str]) -> dict[str, str]:
+    """Return each model's state, read in one trip to the cache."""
     now = clock.current().wall()
-    return {model: state_of(model=model, now=now) for model in models}
+    opened = cache.get_many([_key(model, "opened_at") for model in models])
+    return {model: _state(opened.get(_key(model, "opened_at")), now) for model in models}
+
+
+def breaker_states() -> dict[str, str]:
+    """Return each known model's breaker state: configured, opened anywhere, or seen here."""
+    return _states(list(dict.fromkeys([*_configured(), *_registered(), *sorted(_seen)])))
+
+
+def circuits_open() -> dict[str, bool]:
+    """Return whether each model's breaker is open, as every process sees it.
+
+    For the `ai_circuit_open` gauge: the configured models and those whose
+    breaker has opened in any process, but not the ones only this process
+    has called, so that every process lists the same models. Half-open
+    counts as open: calls are still refused but for the probes, and the
+    gauge drops to 0 when a probe closes the breaker.
+    """
+    states = _states(list(dict.fromkeys([*_configured(), *_registered()])))
+    return {model: state != CLOSED for model, state in states.items()}
 
 
 # The cache is network I/O in the scaled mode: keep it off the event loop, and

@@ -3,10 +3,11 @@
 Several processes serve (uvicorn workers, Celery workers), so when
 `PROMETHEUS_MULTIPROC_DIR` is set (the run scripts set and clear it) every
 process writes its samples to files there and `/metrics` adds them up
-(prometheus-client's multiprocess mode). Labels are bounded: models outside
-the configured ones collapse into a small per-process allowance and then
-"other", codes and outcomes outside the SPEC's closed sets become "other",
-and no label ever holds a user id or text.
+(prometheus-client's multiprocess mode). `ai_circuit_open` is the exception:
+it is read from the breakers' shared state at each scrape. Labels are
+bounded: models outside the configured ones collapse into a small
+per-process allowance and then "other", codes and outcomes outside the
+SPEC's closed sets become "other", and no label ever holds a user id or text.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import resource
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,6 +30,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 from prometheus_client import values as _values
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +85,7 @@ ACTIVE_STREAMS = Gauge(
 QUEUE_DEPTH = Gauge(
     "ai_queue_depth", "Replies waiting for a model slot", multiprocess_mode="livesum"
 )
-CIRCUIT_OPEN = Gauge(
-    "ai_circuit_open",
-    "1 while the circuit breaker for a model is open",
-    ["model"],
-    multiprocess_mode="livemax",
-)
+# ai_circuit_open is not one of them: it is read at each scrape (_Circuits).
 # Resource use, one series per live process (multiprocess mode adds `pid`).
 PROCESS_CPU = Gauge(
     "ai_process_cpu_seconds", "CPU time used by the process", multiprocess_mode="liveall"
@@ -257,13 +255,6 @@ def queue_depth_changed(delta: int) -> None:
         logger.debug("metrics: queue_depth_changed failed", exc_info=True)
 
 
-def circuit_state(model: str, is_open: bool) -> None:
-    try:
-        CIRCUIT_OPEN.labels(model_label(model)).set(1 if is_open else 0)
-    except Exception:
-        logger.debug("metrics: circuit_state failed", exc_info=True)
-
-
 def _sample_soon() -> None:
     """Take a process sample on a thread of its own, at most every _PROCESS_SAMPLE_EVERY_S.
 
@@ -325,18 +316,60 @@ def _forget_dead_processes(path: str) -> None:
             continue  # alive, someone else's
 
 
-def render() -> tuple[bytes, str]:
-    """Return the exposition text for every process, and its content type."""
-    process_sample()
+class _Circuits(Collector):
+    """`ai_circuit_open{model}`, read from the breakers' shared state at each scrape.
+
+    A breaker is opened by one process and may be closed by another's probe,
+    so a gauge each process set would keep the opener's 1 for as long as it
+    lives. The state in the shared cache is the one every process acts on;
+    reading it costs /metrics two trips to the cache, and the breaker's own
+    path nothing.
+    """
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "ai_circuit_open", "1 while the circuit breaker for a model is open", labels=["model"]
+        )
+        from monitoring import selectors
+
+        states = selectors.circuits_open()
+        # While the cache cannot be read nobody knows the breakers' state, so
+        # no sample is exported rather than a guess: a 0 could hide an open
+        # breaker, and this process's own last transition is the very error
+        # this gauge avoids. Prometheus sees the series go absent (alert on
+        # absent() if that matters), /health/ready names the cache, and the
+        # rest of /metrics is served as usual.
+        by_label: dict[str, float] = {}
+        for model, is_open in (states or {}).items():
+            safe = model in _models_configured() or _SAFE_LABEL.match(model)
+            label = model if safe else "other"
+            by_label[label] = max(by_label.get(label, 0.0), 1.0 if is_open else 0.0)
+        for label, value in sorted(by_label.items()):
+            family.add_metric([label], value)
+        yield family
+
+
+_CIRCUITS = CollectorRegistry()
+_CIRCUITS.register(_Circuits())
+
+
+def _recorded() -> CollectorRegistry:
+    """Return the samples the processes recorded: every live one's files, or this one's."""
     path = multiprocess_dir()
     if path and os.path.isdir(path):
         _forget_dead_processes(path)
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry, path=path)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return registry
     from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return REGISTRY
+
+
+def render() -> tuple[bytes, str]:
+    """Return the exposition text for every process, and its content type."""
+    process_sample()
+    return generate_latest(_recorded()) + generate_latest(_CIRCUITS), CONTENT_TYPE_LATEST
 
 
 def gauges_now() -> dict[str, float]:
@@ -345,7 +378,8 @@ def gauges_now() -> dict[str, float]:
 
     wanted = {"ai_active_streams": 0.0, "ai_queue_depth": 0.0}
     try:
-        text, _ = render()
+        # Not render(): the health page reads the breakers on its own.
+        text = generate_latest(_recorded())
         for family in text_string_to_metric_families(text.decode()):
             if family.name in wanted:
                 wanted[family.name] = sum(s.value for s in family.samples)

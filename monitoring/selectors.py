@@ -266,3 +266,16 @@ def breaker_states() -> dict[str, str]:
     except Exception:
         logger.warning("breaker states could not be read", exc_info=True)
         return {}
+
+
+def circuits_open() -> dict[str, bool] | None:
+    """Return whether each model's breaker is open, or None while its shared state is unreadable."""
+    try:
+        module = importlib.import_module("chat.breaker")
+        states = module.circuits_open()
+        return {str(k): bool(v) for k, v in dict(states).items()}
+    except ModuleNotFoundError:
+        return {}
+    except Exception as exc:
+        logger.warning("circuit breakers could not be read for /metrics: %r", exc)
+        return None

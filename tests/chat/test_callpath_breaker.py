@@ -4,29 +4,28 @@ from __future__ import annotations
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 
 from chat.breaker import breaker_states
-from monitoring import metrics
 from tests.chat.callpath_support import *  # noqa: F403
 from tests.chat.callpath_support import FALLBACK, PRIMARY, ask, cookie_for, reload
 from tests.chat.helpers import recv, recv_until_done, send
 from tests.fakevendor import Fault
+from tests.monitoring.helpers import TOKEN, scrape
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def transitions(monkeypatch):
-    """Record what the breaker reports to the ai_circuit_open gauge."""
-    seen: list[tuple[str, bool]] = []
-    real = metrics.circuit_state
+def circuit_gauge(settings):
+    """Read ai_circuit_open for a model from /metrics (its series must be there)."""
+    settings.METRICS_TOKEN = TOKEN
 
-    def spy(model: str, is_open: bool) -> None:
-        seen.append((model, is_open))
-        real(model, is_open)
+    async def read(model: str) -> float:
+        samples = await database_sync_to_async(scrape)()
+        return samples[("ai_circuit_open", (("model", model),))]
 
-    monkeypatch.setattr(metrics, "circuit_state", spy)
-    return seen
+    return read
 
 
 @pytest.fixture
@@ -45,16 +44,17 @@ async def one_reply(comm, content):
 
 
 async def test_breaker_opens_skips_the_vendor_then_probes_and_closes(
-    ws, make_user, tight, clock, transitions
+    ws, make_user, tight, clock, circuit_gauge
 ):
     tight.default = Fault.server_error(500)
     comm = await ws(await cookie_for(make_user))
 
     await one_reply(comm, "one")
     assert breaker_states()[PRIMARY] == "closed"
+    assert await circuit_gauge(PRIMARY) == 0
     await one_reply(comm, "two")
     assert breaker_states()[PRIMARY] == "open"
-    assert transitions == [(PRIMARY, True)]
+    assert await circuit_gauge(PRIMARY) == 1
     assert len(tight.requests) == 2
 
     reply, frames = await one_reply(comm, "three")
@@ -68,13 +68,14 @@ async def test_breaker_opens_skips_the_vendor_then_probes_and_closes(
     assert breaker_states()[PRIMARY] == "open"
     clock.advance(1.5)
     assert breaker_states()[PRIMARY] == "half_open"
+    assert await circuit_gauge(PRIMARY) == 1  # still refused, but for the probes
 
     tight.default = Fault.ok()
     reply, frames = await one_reply(comm, "four")
     assert frames[-1]["finish_reason"] == "stop"
     assert len(tight.requests) == 3
     assert breaker_states()[PRIMARY] == "closed"
-    assert transitions == [(PRIMARY, True), (PRIMARY, False)]
+    assert await circuit_gauge(PRIMARY) == 0
 
 
 async def test_a_failed_probe_opens_the_breaker_again(ws, make_user, tight, clock):

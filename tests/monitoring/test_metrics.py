@@ -7,12 +7,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
 from django.test import Client
 
+from chat import breaker
 from monitoring import metrics
 from tests.chat.helpers import recv, recv_until_done, send, send_frame
 from tests.conftest import session_cookie_for
@@ -74,12 +76,13 @@ async def test_scripted_replies_show_up_with_spec_names_and_labels(ws, make_user
     assert value(after, "ai_process_open_fds") > 0
 
 
-def test_every_spec_metric_is_exposed(client):
+def test_every_spec_metric_is_exposed(client, settings):
     metrics.cache_checked("hit")
     metrics.moderation_blocked("output", "violence")
     metrics.ratelimited("user")
     metrics.feedback_saved(-1)
-    metrics.circuit_state("demo:demo", True)
+    for _ in range(settings.CHAT_BREAKER_FAILURES):
+        breaker.record_result(model="demo:demo", ok=False, now=time.time())
     metrics.queue_depth_changed(0)
     metrics.reply_observed(
         model="demo:demo",
