@@ -844,6 +844,10 @@ async def _store(
     }
 
 
+class ReplyNotStored(Exception):
+    """A finished reply's row could not be written (reported with the error's type only)."""
+
+
 # Seconds to wait before each new try at storing a finished reply: a
 # database that is locked or failing over for a moment costs no reply.
 FINISH_RETRY_DELAYS_S = (0.2, 1.0, 3.0)
@@ -866,7 +870,8 @@ async def _finish_with_retries(*, accepted: Accepted, **kwargs: Any) -> Decimal 
                 logger.error(
                     "reply %s could not be stored: %s", accepted.reply_id, type(exc).__name__
                 )
-                report_exception(exc)
+                # Not the error itself: a database's message may quote the row.
+                report_exception(ReplyNotStored(type(exc).__name__))
                 text = kwargs["finish_kwargs"]["content"]
                 if text:
                     with contextlib.suppress(Exception):

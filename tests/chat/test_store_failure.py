@@ -55,8 +55,10 @@ async def test_a_store_that_fails_for_a_moment_costs_the_reply_nothing(
 
 
 async def test_a_reply_that_is_never_stored_is_said_and_reaped_with_its_text(
-    ws, make_user, failing_store, caplog, settings
+    ws, make_user, failing_store, caplog, settings, monkeypatch
 ):
+    reported: list[BaseException] = []
+    monkeypatch.setattr(pipeline, "report_exception", reported.append)
     comm = await ws(await user_cookie(make_user, "alice"))
     await send(comm, send_frame("Tell me about circuit breakers"))
     accepted = await recv(comm)
@@ -80,6 +82,8 @@ async def test_a_reply_that_is_never_stored_is_said_and_reaped_with_its_text(
     assert logged.levelno == logging.ERROR
     assert str(accepted["message"]) in logged.getMessage()
     assert not any(shown in r.getMessage() for r in caplog.records)
+    # Sentry hears of it by the error's type, never a database message that may quote the row.
+    assert [repr(e) for e in reported] == ["ReplyNotStored('OperationalError')"]
 
     if django_settings.REDIS_URL:  # the replay stream outlives a reply by minutes only
         import redis
