@@ -261,6 +261,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
         saved = await database_sync_to_async(feedback_submit)(
             owner=self._owner_or_raise(),
+            client_ip=self.client_ip,
             message_id=frame.get("message"),
             rating=frame.get("rating"),
             reasons=frame.get("reasons", []),

@@ -26,8 +26,15 @@ def owner_of(request: HttpRequest) -> Owner | None:
 
 
 def error_response(exc: ChatError) -> JsonResponse:
-    body = {"error": {"code": exc.code, "message": exc.user_message}}
-    return JsonResponse(body, status=exc.http_status)
+    """Return the error as JSON; a wait that is known goes in the body and `Retry-After`."""
+    error: dict[str, object] = {"code": exc.code, "message": exc.user_message}
+    wait = exc.frame().get("retry_after")
+    if wait is not None:
+        error["retry_after"] = wait
+    response = JsonResponse({"error": error}, status=exc.http_status)
+    if wait is not None:
+        response["Retry-After"] = str(wait)
+    return response
 
 
 @require_GET

@@ -14,6 +14,7 @@ from chat.models import Message
 from chat.owners import Owner
 from chat.safety.errors import InvalidInput as TextRefused
 from chat.safety.input import check_user_text
+from chat.safety.limits import check_feedback_rate
 from chat.selectors import access_reply
 from feedback.models import ExportJob, Feedback, ReviewEvent
 from monitoring import metrics
@@ -77,14 +78,25 @@ def check_comment(comment: object) -> str:
 
 
 def feedback_submit(
-    *, owner: Owner, message_id: object, rating: object, reasons: object, comment: object
+    *,
+    owner: Owner,
+    client_ip: str,
+    message_id: object,
+    rating: object,
+    reasons: object,
+    comment: object,
 ) -> FeedbackResult:
     """Rate, re-rate or withdraw the rating of one of the owner's finished replies.
 
-    Raise InvalidInput for a bad rating, reason or comment and for a reply that
-    is still being written; NotFound for a message that is missing, someone
-    else's, or not an assistant reply (the same answer, so ids can't be probed).
+    Raise RateLimited past `FEEDBACK_RATELIMIT` (every attempt counts, valid or
+    not, and a refused one writes nothing); InvalidInput for a bad rating,
+    reason or comment and for a reply that is still being written; NotFound
+    for a message that is missing, someone else's, or not an assistant reply
+    (the same answer, so ids can't be probed).
     """
+    # The limit lives here, not in the view or the consumer, so the WebSocket
+    # frame and the HTTP endpoint cannot drift apart (SPEC: "same rules").
+    check_feedback_rate(owner=owner, client_ip=client_ip)
     value = check_rating(rating)
     reason_list = check_reasons(reasons, rating=value)
     text = check_comment(comment) if value is not None else ""
@@ -93,15 +105,15 @@ def feedback_submit(
         raise InvalidInput("You can rate a reply once it has finished.")
     key = feedback_owner_key(owner)
     try:
-        _feedback_store(
+        rated = _feedback_store(
             reply=reply, owner=owner, key=key, rating=value, reasons=reason_list, comment=text
         )
     except IntegrityError:
         # The same person's two tabs rated at once; the row exists now, update it.
-        _feedback_store(
+        rated = _feedback_store(
             reply=reply, owner=owner, key=key, rating=value, reasons=reason_list, comment=text
         )
-    if value is not None:
+    if rated and value is not None:
         metrics.feedback_saved(value)
     return FeedbackResult(message_id=reply.pk, rating=value)
 
@@ -114,13 +126,22 @@ def _feedback_store(
     rating: int | None,
     reasons: list[str],
     comment: str,
-) -> None:
+) -> bool:
+    """Store the owner's rating of a reply; return whether the thumb itself changed.
+
+    `ai_feedback_total{rating}` counts thumbs given, so it is told only
+    when this returns True: a first rating, or a rating that differs from
+    the stored one (up to down, withdrawn to up). Sending the same thumb
+    again, even with new reasons or a new comment, edits that rating and
+    is not another vote; a client's retry or a double click would
+    otherwise inflate the count.
+    """
     # The rating and the history entry for its change land together.
     with transaction.atomic():
         row = Feedback.objects.select_for_update().filter(owner_key=key, message=reply).first()
         if row is None:
             if rating is None:
-                return  # withdrawing a rating that was never given
+                return False  # withdrawing a rating that was never given
             Feedback.objects.create(
                 message=reply,
                 owner_key=key,
@@ -131,9 +152,10 @@ def _feedback_store(
                 model=reply.model,
                 version_id=reply.version_id,
             )
-            return
+            return True
         if (row.rating, row.reasons, row.comment) == (rating, reasons, comment):
-            return
+            return False
+        rating_changed = row.rating != rating
         ReviewEvent.objects.create(
             feedback=row,
             actor=None,
@@ -155,6 +177,7 @@ def _feedback_store(
             row.review_status = Feedback.Status.NEW
             fields.append("review_status")
         row.save(update_fields=fields)
+    return rating_changed
 
 
 def _describe(rating: int | None, reasons: list[str], comment: str) -> str:

@@ -7,40 +7,29 @@ import json
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_POST
-from django_ratelimit.decorators import ratelimit
 
-from chat.errors import ChatError, Forbidden, InvalidInput, RateLimited
+from chat.errors import ChatError, Forbidden, InvalidInput
 from chat.safety.errors import InvalidInput as TextRefused
 from chat.safety.input import check_frame_size
 from chat.views import error_response, owner_of
 from feedback import services
-from monitoring import metrics
-
-
-def _rate(group: str, request: HttpRequest) -> str:
-    return str(settings.FEEDBACK_RATELIMIT)
-
-
-def _who(group: str, request: HttpRequest) -> str:
-    if request.user.is_authenticated:
-        return f"u:{request.user.pk}"
-    return f"ip:{request.META.get('REMOTE_ADDR', '')}"
 
 
 @require_POST
-@ratelimit(group="feedback", key=_who, rate=_rate, block=False)
 def feedback_api(request: HttpRequest) -> JsonResponse:
-    """Rate a reply: JSON {"message","rating","reasons","comment"} → feedback.saved or an error."""
+    """Rate a reply: JSON {"message","rating","reasons","comment"} → feedback.saved or an error.
+
+    The rate limit is the service's (`FEEDBACK_RATELIMIT`), shared with the
+    WebSocket frame.
+    """
     try:
-        if getattr(request, "limited", False):
-            metrics.ratelimited("feedback")
-            raise RateLimited("You are rating too quickly. Please wait a moment.")
         owner = owner_of(request)
         if owner is None:
             raise Forbidden("Your session has expired. Reload the page to rate replies.")
         body = _json_object(request)
         result = services.feedback_submit(
             owner=owner,
+            client_ip=request.META.get("REMOTE_ADDR", ""),
             message_id=body.get("message"),
             rating=body.get("rating"),
             reasons=body.get("reasons"),

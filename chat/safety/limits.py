@@ -13,6 +13,9 @@
    reserved with one atomic cache increment, so parallel sends cannot spend
    past it; `budget_settle` later swaps the reservation for the real cost.
 
+`check_feedback_rate` limits ratings (`FEEDBACK_RATELIMIT`) the same way,
+for the WebSocket frame and the HTTP endpoint alike.
+
 Counters live in the `ratelimit` cache: the SQLite file shared by the
 embedded processes, or Redis in the scaled mode, so they hold exactly across
 processes. When that cache is down, limits fail open to a per-process
@@ -52,6 +55,7 @@ logger = logging.getLogger(__name__)
 _MICRO = Decimal("1000000")
 _ZERO = Decimal("0")
 RATELIMIT_GROUP = "chat.send"
+FEEDBACK_RATELIMIT_GROUP = "feedback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,16 +276,21 @@ Counted = tuple[int, float, int | None]
 
 
 def _window_key(scope: str, subject: str, now: float) -> tuple[str, int, int, float]:
-    """Return the key of the subject's current window, its limit, its period and its end.
+    """Return the key of the subject's current send window, its limit, its period and its end."""
+    return _window(RATELIMIT_GROUP, _rate_of(scope), subject, now)
+
+
+def _window(group: str, rate: str, subject: str, now: float) -> tuple[str, int, int, float]:
+    """Return the key of the subject's current window in `group`, its limit, period and end.
 
     django-ratelimit's scheme: one window per `period` seconds, offset per
     subject so that windows do not all end together.
     """
-    limit, period = _parsed_rate(_rate_of(scope))
+    limit, period = _parsed_rate(rate)
     ends = now - now % period + zlib.crc32(subject.encode()) % period
     if ends <= now:
         ends += period
-    return f"rl:{RATELIMIT_GROUP}:{limit}/{period}:{subject}:{int(ends)}", limit, period, ends
+    return f"rl:{group}:{limit}/{period}:{subject}:{int(ends)}", limit, period, ends
 
 
 def count_sends(sends: list[tuple[Owner, str]]) -> list[Counted | None]:
@@ -343,14 +352,7 @@ def _check_rate(owner: Owner, client_ip: str, counted: Counted | None = None) ->
     if counted is None:  # blocked since _check_not_blocked: refused next time
         return
     scope, subject = _rate_subject(owner, client_ip)
-    limit, time_left, count = counted
-    if count is not None:
-        limited = count > limit
-    elif settings.RATELIMIT_FAIL_OPEN:
-        # The counter store is down: count in this process instead (decision 0004).
-        limited, time_left = _local.hit(subject, *_parsed_rate(_rate_of(scope)))
-    else:
-        limited, time_left = True, 60.0
+    limited, time_left = _over_limit(counted, rate=_rate_of(scope), local_key=subject)
     if not limited:
         return
     metrics.ratelimited(scope)
@@ -358,6 +360,53 @@ def _check_rate(owner: Owner, client_ip: str, counted: Counted | None = None) ->
     wait = max(1, math.ceil(time_left))
     raise RateLimited(
         f"You are sending messages too quickly. Please wait {_duration(wait)} and try again.",
+        retry_after=wait,
+    )
+
+
+def _over_limit(counted: Counted, *, rate: str, local_key: str) -> tuple[bool, float]:
+    """Return whether a counted hit is over its limit, and the seconds until its window ends."""
+    limit, time_left, count = counted
+    if count is not None:
+        return count > limit, time_left
+    if settings.RATELIMIT_FAIL_OPEN:
+        # The counter store is down: count in this process instead (decision 0004).
+        return _local.hit(local_key, *_parsed_rate(rate))
+    return True, 60.0
+
+
+def check_feedback_rate(*, owner: Owner, client_ip: str) -> None:
+    """Raise RateLimited once the owner rates replies faster than `FEEDBACK_RATELIMIT`.
+
+    The one limit on ratings: `feedback_submit` checks it first, so the
+    WebSocket `feedback` frame and `POST /api/feedback/` share it and share
+    one counter. Rating over both at once earns no more than the one rate.
+    It is counted as chat messages are (per user, an anonymous visitor per
+    network, in the `ratelimit` cache, so exactly across processes, with the
+    same per-process fallback while that store is down), but in its own
+    windows, and a refusal is no violation towards a block: flipping a thumb
+    too fast is impatience, not abuse.
+    """
+    if not settings.RATELIMIT_ENABLE:
+        return
+    _scope, subject = _rate_subject(owner, client_ip)
+    rate = str(settings.FEEDBACK_RATELIMIT)
+    now = time.time()
+    key, limit, period, ends = _window(FEEDBACK_RATELIMIT_GROUP, rate, subject, now)
+    try:
+        count = _add_or_incr(_counters(), key, period + _EXPIRATION_FUDGE)
+    except Exception as exc:  # the SQLite file locked past its timeout, unwritable...
+        logger.warning("rate-limit counters unavailable (%s)", type(exc).__name__)
+        count = None
+    limited, time_left = _over_limit(
+        (limit, ends - now, count), rate=rate, local_key=f"{FEEDBACK_RATELIMIT_GROUP}:{subject}"
+    )
+    if not limited:
+        return
+    metrics.ratelimited("feedback")
+    wait = max(1, math.ceil(time_left))
+    raise RateLimited(
+        f"You are rating replies too quickly. Please wait {_duration(wait)} and try again.",
         retry_after=wait,
     )
 

@@ -195,11 +195,17 @@ def test_service_refuses_other_owner_with_not_found_and_comment_goes_through_che
     _, reply = factories.exchange(factories.conversation(user=alice))
     with pytest.raises(NotFound):
         services.feedback_submit(
-            owner=Owner(user_id=bob.pk), message_id=reply.pk, rating=1, reasons=[], comment=None
+            owner=Owner(user_id=bob.pk),
+            client_ip="127.0.0.1",
+            message_id=reply.pk,
+            rating=1,
+            reasons=[],
+            comment=None,
         )
     with pytest.raises(InvalidInput):
         services.feedback_submit(
             owner=Owner(user_id=alice.pk),
+            client_ip="127.0.0.1",
             message_id=reply.pk,
             rating=1,
             reasons=[],
@@ -207,6 +213,7 @@ def test_service_refuses_other_owner_with_not_found_and_comment_goes_through_che
         )
     result = services.feedback_submit(
         owner=Owner(user_id=alice.pk),
+        client_ip="127.0.0.1",
         message_id=reply.pk,
         rating=1,
         reasons=None,

@@ -24,6 +24,7 @@ LIST = "/admin/feedback/feedback/"
 def rate(user: Any, reply: Message, rating: int, reasons: list[str], comment: str = "") -> None:
     services.feedback_submit(
         owner=Owner(user_id=user.pk),
+        client_ip="127.0.0.1",
         message_id=reply.pk,
         rating=rating,
         reasons=reasons,

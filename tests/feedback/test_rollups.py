@@ -36,8 +36,9 @@ def _snapshot() -> list[tuple]:
 
 
 @pytest.fixture
-def traffic(make_user):
+def traffic(make_user, settings):
     """Two versions' replies: v1 40 replies 30 up / 10 down; v2 40 replies 10 up / 30 down."""
+    settings.FEEDBACK_RATELIMIT = "1000/m"  # one person rates all 80 replies at once
     v1 = versions.version_create(
         actor_id=None,
         model="demo:one",
@@ -72,6 +73,7 @@ def traffic(make_user):
             reasons = [] if i < ups else ["inaccurate"]
             services.feedback_submit(
                 owner=owner,
+                client_ip="127.0.0.1",
                 message_id=reply.pk,
                 rating=1 if i < ups else -1,
                 reasons=reasons,
@@ -116,7 +118,12 @@ def test_incremental_refresh_picks_up_changed_feedback_and_finished_replies(traf
     tasks.rollup_refresh()
     reply = Message.objects.filter(version=v1, role="assistant", status="finished").first()
     services.feedback_submit(
-        owner=owner, message_id=reply.pk, rating=-1, reasons=["unsafe"], comment=""
+        owner=owner,
+        client_ip="127.0.0.1",
+        message_id=reply.pk,
+        rating=-1,
+        reasons=["unsafe"],
+        comment="",
     )
     pending = Message.objects.get(status="pending")
     Message.objects.filter(pk=pending.pk).update(status="finished", finish_reason="stop")
