@@ -10,7 +10,9 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db.models import QuerySet
+from django.contrib.auth import get_user_model
+from django.db import connections
+from django.db.models import Model, QuerySet
 from django.utils import timezone
 
 from chat.models import Message
@@ -59,8 +61,13 @@ def reason_choices() -> dict[str, list[str]]:
 
 
 def feedback_filter(queryset: QuerySet[Feedback], *, name: str, value: str) -> QuerySet[Feedback]:
-    """Apply one desk filter; unknown names and unreadable values change nothing."""
-    if value in ("", None):
+    """Apply one desk filter; unknown names and unreadable values change nothing.
+
+    Unreadable includes what a database would refuse rather than answer: an
+    id past its column's range, a day whose bound a datetime cannot hold,
+    text with a NUL in it (see `_readable`).
+    """
+    if not _readable(value):
         return queryset
     if name == "rating":
         if value == "withdrawn":
@@ -76,8 +83,9 @@ def feedback_filter(queryset: QuerySet[Feedback], *, name: str, value: str) -> Q
     elif name == "version":
         if value == "none":
             return queryset.filter(version__isnull=True)
-        if value.isdigit():
-            return queryset.filter(version_id=int(value))
+        version_id = _parse_id(value, model=ModelVersion, using=queryset.db)
+        if version_id is not None:
+            return queryset.filter(version_id=version_id)
     elif name == "status":
         return queryset.filter(review_status=value)
     elif name == "has_comment":
@@ -88,19 +96,31 @@ def feedback_filter(queryset: QuerySet[Feedback], *, name: str, value: str) -> Q
     elif name == "assignee":
         if value == "none":
             return queryset.filter(assignee__isnull=True)
-        if value.isdigit():
-            return queryset.filter(assignee_id=int(value))
-    elif name in ("created_from", "created_to"):
-        day = _parse_day(value)
-        if day is None:
-            return queryset
-        start = timezone.make_aware(dt.datetime.combine(day, dt.time.min))
-        if name == "created_from":
+        assignee_id = _parse_id(value, model=get_user_model(), using=queryset.db)
+        if assignee_id is not None:
+            return queryset.filter(assignee_id=assignee_id)
+    elif name == "created_from":
+        start = _day_start(value)
+        if start is not None:
             return queryset.filter(created_at__gte=start)
-        return queryset.filter(created_at__lt=start + dt.timedelta(days=1))
+    elif name == "created_to":
+        # Up to the end of that day: before the next one begins.
+        end = _day_start(value, days_later=1)
+        if end is not None:
+            return queryset.filter(created_at__lt=end)
     elif name == "q":
         return queryset.filter(comment__icontains=value)
     return queryset
+
+
+def feedback_filter_params(query: Mapping[str, object]) -> dict[str, str]:
+    """Return the desk filter parameters in a query worth keeping: known names, readable text.
+
+    An export job stores these, so a value no database column could hold
+    (a NUL: PostgreSQL's jsonb refuses it too) is dropped here, not stored.
+    """
+    params = {name: str(query[name]) for name in FILTER_PARAMS if name in query}
+    return {name: value for name, value in params.items() if _readable(value)}
 
 
 def feedback_filtered(*, params: Mapping[str, str]) -> QuerySet[Feedback]:
@@ -113,11 +133,40 @@ def feedback_filtered(*, params: Mapping[str, str]) -> QuerySet[Feedback]:
     return queryset.order_by("-id")
 
 
-def _parse_day(value: str) -> dt.date | None:
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
+def _readable(value: str | None) -> bool:
+    # PostgreSQL refuses a NUL in any text it is given, and none is stored
+    # (the input checker refuses them), so such a value could match nothing.
+    return bool(value) and "\x00" not in str(value)
+
+
+def _parse_id(value: str, *, model: type[Model], using: str) -> int | None:
+    """Return the id `value` names if `model`'s id column could hold it, else None.
+
+    Only ASCII digits: str.isdigit() also takes "²" and other digits int()
+    refuses. And within the column's range, which each database sets: past
+    it SQLite raises OverflowError rather than matching nothing.
+    """
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
         return None
+    number = int(value)
+    low, high = connections[using].ops.integer_field_range(model._meta.pk.get_internal_type())
+    return number if low <= number <= high else None
+
+
+def _day_start(value: str, *, days_later: int = 0) -> dt.datetime | None:
+    """Return when the day `value` names (plus `days_later`) begins, or None when unreadable.
+
+    None also when a datetime cannot hold that moment: the day after
+    9999-12-31 has no start, and a bound that far out excludes nothing.
+    """
+    try:
+        day = dt.date.fromisoformat(value) + dt.timedelta(days=days_later)
+        start = timezone.make_aware(dt.datetime.combine(day, dt.time.min))
+        # The database compares in UTC: that too must be a datetime.
+        start.astimezone(dt.UTC)
+    except (ValueError, OverflowError):
+        return None
+    return start
 
 
 @dataclass(frozen=True, slots=True)

@@ -275,7 +275,7 @@ class FeedbackAdmin(admin.ModelAdmin):
         format = request.GET.get("format", "jsonl")
         if format not in ExportJob.Format.values:
             raise Http404("unknown export format")
-        params = {k: str(v) for k, v in request.GET.items() if k in selectors.FILTER_PARAMS}
+        params = selectors.feedback_filter_params(request.GET)
         total = selectors.feedback_filtered(params=params).count()
         if total > settings.FEEDBACK_EXPORT_STREAM_MAX:
             job = services.export_job_create(actor_id=request.user.pk, format=format, params=params)
