@@ -296,6 +296,9 @@ async def test_a_question_does_not_wait_for_the_model_to_load(
 ):
     settings.CHAT_SEMANTIC_CACHE = True
     settings.CHAT_SEMANTIC_CACHE_MODEL = "slow-to-load"
+    # Long enough for a loaded CI machine, as in `semantic_on`: Bob's answer is
+    # kept only if his lookup is done by then, and Carol's must find it.
+    settings.CHAT_SEMANTIC_CACHE_WAIT_MS = 30_000
     release = threading.Event()
 
     def slow_load(name: str):
