@@ -378,6 +378,13 @@ def _admit_all(calls: list[Call]) -> list[Outcome]:
                     owner=call.kwargs["owner"],
                     client_ip=call.kwargs["client_ip"],
                     counted=counted,
+                    # A retry of a stored send is answered as a duplicate
+                    # (below), not refused: asked only before a refusal.
+                    resent=functools.partial(
+                        services.send_stored,
+                        owner=call.kwargs["owner"],
+                        client_msg_id=call.kwargs["request"].client_msg_id,
+                    ),
                 )
                 if ok:
                     reservations[i] = value

@@ -342,6 +342,11 @@ def _accepted(
     )
 
 
+def send_stored(*, owner: Owner, client_msg_id: uuid.UUID) -> bool:
+    """Return whether a send with this id is stored for the owner (so a new one is a retry)."""
+    return Message.objects.filter(owner_key=owner.key, client_msg_id=client_msg_id).exists()
+
+
 def _accepted_for(*, owner: Owner, client_msg_id: uuid.UUID) -> Accepted | None:
     """Return what an earlier send with this id produced, if there was one."""
     found = (

@@ -32,6 +32,7 @@ import math
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
@@ -345,6 +346,14 @@ def _add_or_incr(cache: BaseCache, key: str, timeout: float) -> int | None:
         return None
 
 
+def _would_limit(owner: Owner, client_ip: str, counted: Counted | None) -> bool:
+    """Return whether `_check_rate` would refuse a send already counted (no side effects)."""
+    if not settings.RATELIMIT_ENABLE or counted is None:
+        return False
+    limit, _time_left, count = counted
+    return count is None or count > limit
+
+
 def _check_rate(owner: Owner, client_ip: str, counted: Counted | None = None) -> None:
     if not settings.RATELIMIT_ENABLE:
         return
@@ -539,16 +548,32 @@ def budget_settle(*, reservation: Reservation, cost_usd: Decimal, tokens: int) -
 
 
 def check_send_limits(
-    *, owner: Owner, client_ip: str, counted: Counted | None = None
+    *,
+    owner: Owner,
+    client_ip: str,
+    counted: Counted | None = None,
+    resent: Callable[[], bool] | None = None,
 ) -> Reservation:
     """Raise RateLimited / BudgetExceeded / Forbidden, or return a reservation.
 
     `counted`: the send's rate count from count_sends, when a batch of
     sends was counted together; else it is counted here.
+
+    `resent` is asked only of a send about to be refused: True when it is a
+    client's retry of a send already stored (its socket dropped before the
+    answer came). That one is not refused, and is no violation: it asks for
+    nothing new, and its answer exists. It gets an empty reservation.
     """
-    _check_not_blocked(owner, client_ip)
-    _check_rate(owner, client_ip, counted)
-    return _reserve_budget(owner, client_ip)
+    try:
+        _check_not_blocked(owner, client_ip)
+        if resent is not None and _would_limit(owner, client_ip, counted) and resent():
+            return Reservation(owner_key=owner.key)
+        _check_rate(owner, client_ip, counted)
+        return _reserve_budget(owner, client_ip)
+    except (Forbidden, BudgetExceeded):
+        if resent is not None and resent():
+            return Reservation(owner_key=owner.key)
+        raise
 
 
 def _duration(seconds: float) -> str:

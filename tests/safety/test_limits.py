@@ -12,7 +12,7 @@ from django.test import Client
 from django.utils import timezone
 
 from chat.models import AbuseBlock
-from tests.chat.helpers import recv, send, send_frame
+from tests.chat.helpers import recv, recv_until_done, send, send_frame
 from tests.safety.helpers import blocks, chat, cookie_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -189,6 +189,46 @@ async def test_repeated_violations_block_the_user_until_staff_lift_it(ws, make_u
     assert block.lifted_at is not None and block.lifted_by is not None
     settings.CHAT_RATELIMIT_USER = "100/m"
     assert (await chat(comm))[-1]["type"] == "chat.done"
+
+
+async def test_a_retried_send_is_answered_not_refused_at_the_limit(
+    ws, make_user, settings, counted
+):
+    # The socket drops before the answer; the page sends the same frame again.
+    settings.CHAT_RATELIMIT_USER = "1/m"
+    settings.CHAT_ABUSE_THRESHOLD = 2
+    cookie = await cookie_for(make_user)
+    frame = send_frame("sent once, on a flaky connection")
+    first = await ws(cookie)
+    await send(first, frame)
+    accepted = await recv(first)
+    assert accepted["type"] == "chat.accepted"
+    await recv_until_done(first)
+    for _ in range(2):  # a retry at the limit, and another: never a violation
+        again = await ws(cookie)
+        await send(again, frame)
+        duplicate = await recv(again)
+        assert duplicate["type"] == "chat.accepted" and duplicate["duplicate"] is True
+        assert duplicate["message"] == accepted["message"]
+    assert counted == [] and await blocks() == []
+    # A new message is still limited, and counted.
+    [error] = await chat(first, "a new question")
+    assert error["code"] == "rate_limited" and counted == ["user"]
+
+
+async def test_a_retried_send_is_answered_past_the_budget(ws, make_user, settings):
+    settings.CHAT_DAILY_BUDGET_TOKENS = 10
+    settings.CHAT_BUDGET_RESERVE_TOKENS = 10
+    comm = await ws(await cookie_for(make_user))
+    frame = send_frame("one question")
+    await send(comm, frame)
+    accepted = await recv(comm)
+    await recv_until_done(comm)  # spends the day's budget
+    [error] = await chat(comm, "another question")
+    assert error["code"] == "budget_exceeded"
+    await send(comm, frame)
+    duplicate = await recv(comm)
+    assert duplicate["duplicate"] is True and duplicate["message"] == accepted["message"]
 
 
 def _lift_in_admin(make_user: Any, block_id: int) -> None:
