@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from chat import sql
-from chat.errors import NotFound
+from chat.errors import InvalidInput, NotFound
 from chat.models import Conversation, Message
 from chat.owners import Owner
 from chat.providers import ChatMessage
+from chat.safety.errors import InvalidInput as TextRefused
+from chat.safety.input import check_user_text
 from chat.tokens import estimate_tokens
 
 
@@ -165,17 +167,22 @@ def done_frame_for(reply: Message) -> dict[str, Any]:
     }
 
 
+# The page's search box holds this many characters; a longer query is cut.
+SEARCH_MAX_CHARS = 200
+
+
 def conversation_search(*, owner: Owner, query: str = "", limit: int = 100) -> list[dict[str, Any]]:
     """Return the owner's conversations, newest first, matching `query` if given.
 
     A conversation matches when its title or one of its visible messages
     contains the query (case-insensitive). `titled` tells the page whether the
-    background titler has run yet, so it knows to look again shortly.
+    background titler has run yet, so it knows to look again shortly. Raise
+    InvalidInput for a query the input checker refuses (`_check_search_text`).
     """
     from django.db.models import Q
 
     conversations = Conversation.objects.filter(owner.conversation_filter())
-    query = " ".join(query.split())[:200]
+    query = _check_search_text(query)
     if query:
         conversations = conversations.filter(
             Q(title__icontains=query)
@@ -191,6 +198,29 @@ def conversation_search(*, owner: Owner, query: str = "", limit: int = 100) -> l
         }
         for r in rows
     ]
+
+
+def _check_search_text(query: str) -> str:
+    """Return the query cleaned the way stored text was, or "" for no query.
+
+    What people type is stored as `check_user_text` cleaned it, so the query
+    is cleaned the same way: "é" typed decomposed still finds "é" stored
+    composed. What the checker refuses (a NUL, other control characters,
+    text-direction controls) is refused here too, with the same sentence:
+    a NUL would otherwise break the query itself (PostgreSQL refuses it in
+    a text parameter; SQLite cuts the pattern there and matches everything).
+    A query of only spaces or invisible characters is no query.
+    """
+    if not query.strip():
+        return ""
+    try:
+        # No length refusal: a long query is cut below, as it always was.
+        checked = check_user_text(query, max_chars=len(query), field="search")
+    except TextRefused as exc:
+        if exc.reason in ("empty", "blank"):
+            return ""
+        raise InvalidInput(exc.user_message) from None
+    return " ".join(checked.split())[:SEARCH_MAX_CHARS]
 
 
 def reply_fallbacks(*, owner: Owner, message_ids: list[int]) -> set[int]:

@@ -79,8 +79,11 @@ def conversations(request: HttpRequest) -> JsonResponse:
     owner = owner_of(request)
     if owner is None:
         return error_response(Forbidden("Please sign in to see your conversations."))
-    query = request.GET.get("q", "")
-    return JsonResponse({"conversations": selectors.conversation_search(owner=owner, query=query)})
+    try:
+        found = selectors.conversation_search(owner=owner, query=request.GET.get("q", ""))
+    except ChatError as exc:
+        return error_response(exc)
+    return JsonResponse({"conversations": found})
 
 
 @require_http_methods(["PATCH", "DELETE"])

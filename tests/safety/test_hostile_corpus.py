@@ -20,7 +20,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import Client
 
-from chat.models import Message
+from chat.models import Conversation, Message
 from chat.safety.input import check_user_text
 from tests.chat.helpers import recv, recv_until_done, send, send_frame
 from tests.safety.helpers import chat, cookie_for
@@ -183,6 +183,29 @@ def test_corpus_through_http_forms_and_the_feedback_api(make_user, settings):
         response = api.post("/api/feedback/", raw, content_type="application/json")
         _count("http feedback api")
         assert response.status_code in (400, 404), raw
+
+
+def test_corpus_through_the_conversation_api(make_user):
+    """Each payload as a search and as a new title: a list, a title or a JSON 400."""
+    alice = make_user("alice")
+    conversation = Conversation.objects.create(user=alice, title="Kept")
+    api = Client(raise_request_exception=True)
+    api.force_login(alice)
+    for row in CORPUS:
+        payload = row["payload"]
+        # Encoded by hand, as above: a lone surrogate goes out as raw bytes.
+        query = urlencode({"q": payload.encode("utf-8", "surrogatepass")})
+        searched = api.get(f"/api/conversations/?{query}")
+        body = json.dumps({"title": payload})
+        renamed = api.patch(
+            f"/api/conversations/{conversation.pk}/", body, content_type="application/json"
+        )
+        _count("http conversation api", 2)
+        for response in (searched, renamed):
+            assert response.status_code in (200, 400), (payload, response.content)
+            assert response["Content-Type"] == "application/json"
+            if response.status_code == 400:
+                assert response.json()["error"]["code"] == "invalid_input", payload
 
 
 def test_deeply_nested_json_body_is_a_400_not_a_500(make_user):
