@@ -14,6 +14,8 @@ from django.views.decorators.http import require_GET, require_http_methods
 from chat import selectors, services
 from chat.errors import ChatError, Forbidden, InvalidInput
 from chat.owners import Owner
+from chat.safety.errors import InvalidInput as TextRefused
+from chat.safety.input import check_frame_size
 from feedback.selectors import ratings_for
 
 
@@ -96,7 +98,7 @@ def conversation_detail(request: HttpRequest, conversation_id: int) -> HttpRespo
         if request.method == "DELETE":
             services.conversation_delete(owner=owner, conversation_id=conversation_id)
             return HttpResponse(status=204)
-        title = _json_body(request).get("title")
+        title = check_json_object(request).get("title")
         conversation = services.conversation_rename(
             owner=owner, conversation_id=conversation_id, title=title
         )
@@ -105,10 +107,24 @@ def conversation_detail(request: HttpRequest, conversation_id: int) -> HttpRespo
     return JsonResponse({"id": conversation.pk, "title": conversation.title, "titled": True})
 
 
-def _json_body(request: HttpRequest) -> dict[str, Any]:
+def check_json_object(request: HttpRequest) -> dict[str, Any]:
+    """Return the request body's JSON object, or raise InvalidInput saying what is wrong.
+
+    Every JSON-reading view calls this, so a hostile body gets the same 400
+    everywhere. The size is checked before parsing, so an oversized body
+    costs no parsing. RecursionError is caught with the parse errors: a body
+    nested a few thousand levels deep (`[[[[…`) is small enough to pass the
+    size check, and the parser gives up on it with RecursionError, not
+    ValueError.
+    """
     try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
+        check_frame_size(request.body, max_bytes=settings.CHAT_MAX_FRAME_BYTES)
+    except TextRefused as exc:
+        raise InvalidInput(exc.user_message) from None
+    try:
+        # Invalid UTF-8 raises UnicodeDecodeError, a ValueError.
+        body = json.loads(request.body)
+    except (ValueError, RecursionError):
         raise InvalidInput("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidInput("The request body must be a JSON object.")

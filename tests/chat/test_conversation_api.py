@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -97,6 +98,40 @@ def test_rename_sets_the_title(api, conversations):
     response = _rename(api, conversations["trip"], json.dumps({"title": "Lyon in May"}))
     assert response.status_code == 200
     assert response.json()["title"] == "Lyon in May"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Small enough for the size limit; the parser gives up with RecursionError.
+        b"[" * 50_000 + b"]" * 50_000,
+        b'{"title": ' + b"[" * 50_000,
+        # The audit's body, over the size limit.
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe not utf-8",
+        b"{",
+        b"",
+        b"null",
+        b'["title", "x"]',
+    ],
+    ids=[
+        "deeply-nested",
+        "deeply-nested-in-object",
+        "oversized",
+        "not-utf8",
+        "truncated",
+        "empty",
+        "null",
+        "array",
+    ],
+)
+def test_rename_with_a_body_that_is_no_json_object_is_a_json_400(api, conversations, body, caplog):
+    caplog.set_level(logging.WARNING)
+    _refused(_rename(api, conversations["trip"], body))
+    conversations["trip"].refresh_from_db()
+    assert conversations["trip"].title == "Trip to Lyon"
+    # A client's mistake: no ERROR log line (which would also be a Sentry event).
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize("title", ["Lyon\x00", "\u202eLyon", 5, None])
