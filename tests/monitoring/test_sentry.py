@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
 import threading
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import quote, quote_plus, urlencode
 
 import pytest
 import sentry_sdk
+from asgiref.sync import async_to_sync
 
 from monitoring.sentry import capture_exception, capture_message, init_sentry
+from tests.conftest import session_cookie_for
 
 SECRET_TEXT = "my grandmother's secret lasagne recipe"
 EMAIL = "alice.jones@example.com"
@@ -49,8 +55,8 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
 
-@pytest.fixture
-def sentry_server() -> Iterator[Envelopes]:
+@contextmanager
+def _serving(*, traces_sample_rate: float) -> Iterator[Envelopes]:
     server = Envelopes(("127.0.0.1", 0), _Handler)
     server.bodies = []
     server.arrived = threading.Event()
@@ -60,7 +66,7 @@ def sentry_server() -> Iterator[Envelopes]:
         dsn=f"http://publickey@127.0.0.1:{server.server_port}/1",
         environment="test",
         release="chat@1.2.3",
-        traces_sample_rate=0.0,
+        traces_sample_rate=traces_sample_rate,
     )
     try:
         yield server
@@ -71,19 +77,30 @@ def sentry_server() -> Iterator[Envelopes]:
         server.server_close()
 
 
-def _events(server: Envelopes) -> list[dict]:
+@pytest.fixture
+def sentry_server() -> Iterator[Envelopes]:
+    with _serving(traces_sample_rate=0.0) as server:
+        yield server
+
+
+@pytest.fixture
+def sentry_tracing_server() -> Iterator[Envelopes]:
+    """A server for an SDK that also sends every request's transaction (traces on)."""
+    with _serving(traces_sample_rate=1.0) as server:
+        yield server
+
+
+def _events(server: Envelopes, kind: str = "event") -> list[dict]:
+    """Return the items of one kind ("event", "transaction") the SDK has sent."""
     sentry_sdk.flush(timeout=5)
     assert server.arrived.wait(5), "no envelope arrived"
     events = []
     for body in server.bodies:
-        lines = body.split(b"\n")
-        for i, line in enumerate(lines[1:-1], start=1):
-            try:
-                header = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(header, dict) and header.get("type") == "event":
-                events.append(json.loads(lines[i + 1]))
+        # An envelope header, then each item as a header line and a payload line.
+        lines = body.rstrip(b"\n").split(b"\n")
+        for header, payload in zip(lines[1::2], lines[2::2], strict=True):
+            if json.loads(header).get("type") == kind:
+                events.append(json.loads(payload))
     return events
 
 
@@ -118,3 +135,98 @@ def test_alert_message_arrives_and_request_bodies_are_dropped(sentry_server):
     raw = json.dumps(event)
     assert "alert: drift for [EMAIL]" in raw
     assert SECRET_TEXT not in raw
+
+
+SEARCH = "my hiv test results"
+
+
+def _asgi_get(path: str, *, query: str, headers: list[tuple[bytes, bytes]]) -> int:
+    """GET `path` through the ASGI application, as the server would; return the status.
+
+    Not through Django's test client: that skips the SDK's ASGI middleware,
+    which is what puts the query string into the event.
+    """
+    from config.asgi import application
+
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+    async def request() -> None:
+        answered = asyncio.Event()
+        asked = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal asked
+            if not asked:
+                asked = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await answered.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
+
+        await asyncio.wait_for(application(scope, receive, send), timeout=10)
+
+    async_to_sync(request)()
+    (start,) = [m for m in sent if m["type"] == "http.response.start"]
+    return int(start["status"])
+
+
+@pytest.fixture
+def failing_search(make_user: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bytes]]:
+    """Make the conversation search fail; return a signed-in user's request headers."""
+    from chat import selectors
+
+    def broken(**kwargs: object) -> list[dict[str, Any]]:
+        raise RuntimeError("the search index went away")
+
+    monkeypatch.setattr(selectors, "conversation_search", broken)
+    cookie = session_cookie_for(make_user("alice"))
+    referer = f"http://testserver/admin/chat/message/?{urlencode({'q': SEARCH})}#results"
+    return [(b"cookie", cookie.encode()), (b"referer", referer.encode())]
+
+
+def _search_leaks(raw: str) -> list[str]:
+    return [form for form in (SEARCH, quote_plus(SEARCH), quote(SEARCH), "hiv") if form in raw]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_request_arrives_without_its_query_string(sentry_server, failing_search):
+    query = urlencode({"q": SEARCH})
+    assert _asgi_get("/api/conversations/", query=query, headers=failing_search) == 500
+    events = _events(sentry_server)
+    assert events
+    for event in events:
+        request = event["request"]
+        assert request["url"] == "http://testserver/api/conversations/"
+        assert "query_string" not in request
+        assert request["headers"]["referer"] == "http://testserver/admin/chat/message/"
+        assert _search_leaks(json.dumps(event)) == []
+    assert any(e["exception"]["values"][0]["type"] == "RuntimeError" for e in events)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_traced_request_arrives_without_its_query_string(sentry_tracing_server, failing_search):
+    """SENTRY_TRACES_SAMPLE_RATE on: transactions carry the request too."""
+    query = urlencode({"q": SEARCH})
+    assert _asgi_get("/api/conversations/", query=query, headers=failing_search) == 500
+    (transaction,) = _events(sentry_tracing_server, kind="transaction")
+    assert transaction["transaction"] == "/api/conversations/"
+    assert "query_string" not in transaction["request"]
+    assert _search_leaks(json.dumps(transaction)) == []
