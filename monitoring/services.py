@@ -19,8 +19,8 @@ from django.apps import apps
 from django.conf import settings
 from django.core.cache import caches
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Sum
-from django.db.models.functions import Coalesce, Length
+from django.db.models import CharField, Count, F, Sum, Value
+from django.db.models.functions import Cast, Coalesce, Concat, Length
 from django.utils import timezone
 
 from chat.models import Conversation, Message
@@ -457,6 +457,7 @@ def conversations_expire(*, now: dt.datetime | None = None, batch: int = 500) ->
                 Conversation.objects.filter(pk__in=ids).update(
                     user=None, session_key=ANONYMISED, title=""
                 )
+                _anonymise_feedback(ids)
             else:
                 Conversation.objects.filter(pk__in=ids).delete()
         done += len(ids)
@@ -464,6 +465,29 @@ def conversations_expire(*, now: dt.datetime | None = None, batch: int = 500) ->
 
 # The owner of an anonymised conversation: no user, no session.
 ANONYMISED = "anonymised"
+
+
+def _anonymise_feedback(conversation_ids: list[int]) -> None:
+    """Keep the ratings and reasons of these conversations' replies; drop who and what was written.
+
+    The comment, the staff note and the review history's before/after (which
+    quote the comment) go; so does who rated. The rating, its reasons (from a
+    fixed list), model, version and review status stay for the scorecards.
+    Each row's owner becomes its own placeholder, as one per owner and reply
+    is allowed.
+    """
+    if not apps.is_installed("feedback"):
+        return
+    feedback = apps.get_model("feedback", "Feedback")
+    review_event = apps.get_model("feedback", "ReviewEvent")
+    rows = feedback.objects.filter(message__conversation_id__in=conversation_ids)
+    review_event.objects.filter(feedback__in=rows).update(before="", after="")
+    rows.update(
+        user=None,
+        owner_key=Concat(Value(f"{ANONYMISED}:"), Cast("pk", output_field=CharField())),
+        comment="",
+        staff_note="",
+    )
 
 
 def heartbeat_write() -> float:

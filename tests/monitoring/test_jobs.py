@@ -163,6 +163,37 @@ def test_retention_can_anonymise_instead(conversation, settings):
     assert reply.content == "" and reply.completion_tokens == 20
 
 
+def test_anonymising_keeps_the_rating_and_drops_what_people_wrote_about_it(conversation, settings):
+    from chat.owners import Owner
+    from feedback.models import Feedback, ReviewEvent
+    from feedback.services import feedback_submit
+
+    settings.MONITORING_RETENTION_DAYS = 30
+    settings.MONITORING_RETENTION_MODE = "anonymise"
+    owner = Owner(user_id=conversation.user_id)
+    reply = _reply(conversation, owner_key=owner.key)
+    for rating, comment in ((1, "I am Alice Smith"), (-1, "call me on 555 0100")):
+        feedback_submit(
+            owner=owner,
+            client_ip="10.0.0.8",
+            message_id=reply.pk,
+            rating=rating,
+            reasons=["inaccurate"] if rating == -1 else [],
+            comment=comment,
+        )
+    Feedback.objects.filter(message=reply).update(staff_note="rang Alice back")
+    assert ReviewEvent.objects.filter(feedback__message=reply).exclude(before="").exists()
+    Conversation.objects.filter(pk=conversation.pk).update(
+        updated_at=timezone.now() - dt.timedelta(days=31)
+    )
+    tasks.conversations_expire.apply()
+    (row,) = Feedback.objects.filter(message=reply)
+    assert (row.rating, row.reasons, row.model) == (-1, ["inaccurate"], "demo:demo")
+    assert (row.user_id, row.comment, row.staff_note) == (None, "", "")
+    assert row.owner_key == f"anonymised:{row.pk}"
+    assert not ReviewEvent.objects.filter(feedback=row).exclude(before="", after="").exists()
+
+
 def test_retention_off_by_default(conversation):
     Conversation.objects.filter(pk=conversation.pk).update(
         updated_at=timezone.now() - dt.timedelta(days=3000)
