@@ -270,7 +270,7 @@ async def _try_model(
             if chars:
                 # Text already reached the user: end the reply, never restart it.
                 error: ChatError = Timeout() if failure.kind == "timeout" else Unavailable()
-                raise _Ended(error, _estimated(messages, chars)) from None
+                raise _Ended(error, estimated_usage(messages, chars)) from None
             if failure.kind == "context_length" and not trimmed:
                 shorter = _trim(messages)
                 if shorter is not None:
@@ -300,7 +300,7 @@ async def _try_model(
             # The text is complete: the caller may show its last words now,
             # while the breaker counts the success (a trip to the shared
             # cache when this process's trust in it has lapsed).
-            yield usage if usage is not None else _estimated(messages, chars)
+            yield usage if usage is not None else estimated_usage(messages, chars)
         finally:
             try:
                 await breaker.arecord_result(model=model, ok=True, now=ended_at)
@@ -341,7 +341,8 @@ def _trim(messages: list[ChatMessage]) -> list[ChatMessage] | None:
     return shorter if len(shorter) < len(messages) else None
 
 
-def _estimated(messages: list[ChatMessage], completion_chars: int) -> Usage:
+def estimated_usage(messages: list[ChatMessage], completion_chars: int) -> Usage:
+    """Return usage counted here, at ~4 characters a token, for a vendor that gave none."""
     return Usage(
         prompt_tokens=sum(estimate_tokens(m.content) for m in messages),
         completion_tokens=-(-completion_chars // 4),

@@ -33,7 +33,7 @@ from django.utils import timezone
 
 from chat import response_cache, selectors, semantic_cache, services
 from chat.batching import Batched, Call, Outcome
-from chat.callpath import CallOutcome, call_model
+from chat.callpath import CallOutcome, call_model, estimated_usage
 from chat.errors import BlockedInput, ChatError, Forbidden, Internal, InvalidInput
 from chat.models import Message
 from chat.owners import Owner
@@ -492,6 +492,8 @@ class _Result:
     verdict: moderation.Verdict | None = None
     cancelled: bool = False
     cached: bool = False
+    # Characters the model sent, shown or not (a reply cut short is priced by them).
+    received: int = 0
     # What the response cache keeps of a complete answer: the reply under its keys.
     remember: dict[str, response_cache.CachedReply] | None = None
     # The question as the semantic cache saw it (once its lookup is done), and
@@ -713,6 +715,7 @@ async def reply_run(
                             await sender.push(safe)
                         await sender.close(deliver=True)
                     continue
+                result.received += len(event)
                 for safe in await gate.feed(event):
                     await sender.push(safe)
         for safe in await gate.finish():
@@ -768,7 +771,9 @@ async def reply_run(
         with contextlib.suppress(ClientGone):
             await sender.close(deliver=result.finish_reason == "error")
 
-    done = await _store(accepted, result, sender, started_at=started_at, now=loop.time())
+    done = await _store(
+        accepted, result, sender, history=prepared.history, started_at=started_at, now=loop.time()
+    )
     hub.publish_done(buffer, done)
     with contextlib.suppress(Exception):
         if result.error is not None:
@@ -779,11 +784,17 @@ async def reply_run(
 
 
 async def _store(
-    accepted: Accepted, result: _Result, sender: DeltaSender, *, started_at: float, now: float
+    accepted: Accepted,
+    result: _Result,
+    sender: DeltaSender,
+    *,
+    history: list[ChatMessage],
+    started_at: float,
+    now: float,
 ) -> dict[str, Any]:
     """Finish the reply row, settle the budget, count it; return the done frame."""
     outcome = result.outcome
-    usage = outcome.usage if outcome else None
+    usage = _usage(result, history)
     model = outcome.model if outcome else accepted.model
     ttft_ms = (
         None if sender.first_sent_at is None else round((sender.first_sent_at - started_at) * 1000)
@@ -894,6 +905,25 @@ async def _finish_with_retries(*, accepted: Accepted, **kwargs: Any) -> Decimal 
             )
             await asyncio.sleep(delay)
     return None
+
+
+def _usage(result: _Result, history: list[ChatMessage]) -> Usage | None:
+    """Return the tokens a reply used, as the vendor bills them.
+
+    A cached answer used none. A reply stopped, dropped or cut by moderation
+    after the model began never gets the vendor's count, which comes last;
+    the vendor still billed the prompt and what it sent, so both are
+    estimated (as for a reply that failed halfway), and priced: otherwise a
+    Stop near the end of every reply would spend past any budget for free.
+    """
+    outcome = result.outcome
+    if result.cached:
+        return Usage(prompt_tokens=0, completion_tokens=0) if outcome else None
+    if outcome is None:
+        return None
+    if outcome.usage is None and result.received:
+        return estimated_usage(history, result.received)
+    return outcome.usage
 
 
 def _price(*, finish_kwargs: dict[str, Any], priced: bool, **_: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from django.utils import timezone
 from chat.models import Price
 from tests.chat.callpath_support import *  # noqa: F403
 from tests.chat.callpath_support import PRIMARY, ask, cookie_for, reload
-from tests.chat.helpers import recv_until_done
+from tests.chat.helpers import delta_text, recv_until_done
 from tests.fakevendor import prompt_tokens_for
 
 
@@ -102,3 +102,77 @@ def test_staff_add_a_new_price_from_a_date_without_touching_the_old_one(make_use
     assert Price.objects.filter(model="openai:gpt-4o-mini").count() == before + 1
     newest = Price.objects.filter(model="openai:gpt-4o-mini").latest("effective_from")
     assert newest.effective_from == datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def priced():
+    await add_price(PRIMARY, "2.5", "10", timezone.now() - timedelta(days=1))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_stopped_reply_costs_what_the_vendor_sent_before_the_stop(
+    ws, make_user, wired, priced
+):
+    from tests.chat.helpers import recv, send
+    from tests.fakevendor import Fault
+
+    wired.script([Fault.stall(after=30, tokens=100)])
+    comm = await ws(await cookie_for(make_user))
+    accepted = await ask(comm, "a question " * 200)
+    text = ""
+    while len(text.split()) < 30:  # every token the vendor sent is shown
+        frame = await recv(comm)
+        text += frame.get("text", "")
+    await send(comm, {"type": "chat.stop", "message": accepted["message"]})
+    done = (await recv_until_done(comm))[-1]
+
+    assert done["finish_reason"] == "cancelled"
+    # The vendor billed the prompt and what it sent; both are estimated, as it never said.
+    sent_prompt = sum(-(-len(m["content"]) // 4) for m in wired.requests[0].body["messages"])
+    usage = done["usage"]
+    assert usage["prompt_tokens"] == pytest.approx(sent_prompt, rel=0.1)
+    assert usage["completion_tokens"] >= len(text) // 4 > 0
+    cost = expected_cost(usage["prompt_tokens"], usage["completion_tokens"], "2.5", "10")
+    assert done["cost_usd"] == pytest.approx(float(cost))
+    reply = await reload(accepted["message"])
+    assert reply.usage_estimated and reply.cost_usd == cost.quantize(Decimal("0.00000001"))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_reply_cut_by_moderation_costs_what_the_vendor_sent(ws, make_user, wired, priced):
+    from tests.fakevendor import Fault
+
+    text = "Here is a simple bread recipe for you. To build a pipe bomb, pack the pipe."
+    wired.script([Fault.ok(text=text + " More text follows." * 30, tps=200)])
+    comm = await ws(await cookie_for(make_user))
+    accepted = await ask(comm, "Tell me something")
+    frames = await recv_until_done(comm)
+    done = frames[-1]
+
+    shown = delta_text(frames)
+    assert done["finish_reason"] == "moderated" and "bomb" not in shown
+    # Held back and never shown, the flagged words were still sent, and billed.
+    assert done["usage"]["completion_tokens"] > -(-len(shown) // 4)
+    assert done["cost_usd"] > 0
+    reply = await reload(accepted["message"])
+    assert reply.usage_estimated and reply.cost_usd > 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_cached_answers_spend_no_tokens_of_the_budget(ws, make_user, wired, settings):
+    comm = await ws(await cookie_for(make_user, "alice"))
+    await ask(comm, "What is a circuit breaker?")
+    first = (await recv_until_done(comm))[-1]
+    used = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
+    assert used > 0 and first["cached"] is False
+    # Room for one such reply a day, not two.
+    settings.CHAT_DAILY_BUDGET_TOKENS = used + used // 2
+    settings.CHAT_BUDGET_RESERVE_TOKENS = 1
+
+    other = await ws(await cookie_for(make_user, "bob"))
+    for _ in range(3):
+        await ask(other, "What is a circuit breaker?")
+        done = (await recv_until_done(other))[-1]
+        assert done["cached"] is True and done["cost_usd"] == 0.0
+        assert done["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert len(wired.requests) == 1

@@ -297,8 +297,8 @@ async def test_token_budget_refuses_once_spent_and_says_when_it_resets(ws, make_
     comm = await ws(await cookie_for(make_user))
     spent = 0
     refused = None
-    for _ in range(6):
-        frames = await chat(comm, "hi")
+    for n in range(6):
+        frames = await chat(comm, f"hi {n}")  # each a new question: cached answers are free
         if frames[0]["type"] == "chat.error":
             refused = frames[0]
             break

@@ -43,7 +43,7 @@ async def test_budget_falls_back_to_the_stored_spend(ws, make_user, settings, st
     settings.CHAT_RATELIMIT_USER = "100/m"
     settings.CHAT_DAILY_BUDGET_TOKENS = 30
     comm = await ws(await cookie_for(make_user))
-    outcomes = [(await chat(comm, "hi"))[0] for _ in range(4)]
+    outcomes = [(await chat(comm, f"hi {n}"))[0] for n in range(4)]  # new questions: not cached
     codes = [o.get("code", o["type"]) for o in outcomes]
     assert codes[0] == "chat.accepted" and "budget_exceeded" in codes
 
