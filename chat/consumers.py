@@ -26,8 +26,9 @@ from chat import pipeline, protocol, selectors
 from chat.errors import ChatError, Internal, InvalidInput, NotFound
 from chat.models import Message
 from chat.owners import Owner
-from chat.replay import hub
+from chat.replay import Followed, hub
 from monitoring.sentry import capture_exception
+from monitoring.services import reply_recover
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.replies = {}
         self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._pump: asyncio.Task[None] | None = None
-        self._followers: set[asyncio.Task[bool]] = set()
+        self._followers: set[asyncio.Task[None]] = set()
         self._group = None
         await self.accept()
         if self.owner is not None:
@@ -240,21 +241,57 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._followers.add(follower)
         follower.add_done_callback(self._followers.discard)
 
-    async def _follow_or_replay_stored(self, reply: Message, after: int) -> bool:
-        try:
-            if await hub.follow_remote(reply_id=reply.pk, after=after, listener=self._deliver):
-                return True
-        except Exception:
-            logger.warning("resume from Redis failed for reply %s", reply.pk, exc_info=True)
+    async def _follow_or_replay_stored(self, reply: Message, after: int) -> None:
+        """Follow a reply this process does not run, or answer it from storage.
+
+        A reply still pending that nobody is generating (its process died)
+        is failed now with the text its user saw, as the reaper would later,
+        so the page ends it at once instead of waiting forever.
+        """
+        followed = await self._follow(reply.pk, after, wait_for_stream=False)
+        if followed is not None and followed.outcome == "done":
+            return
         fresh = await database_sync_to_async(Message.objects.get)(pk=reply.pk)
+        if fresh.status == Message.Status.PENDING and followed is not None:
+            if followed.outcome == "absent" and settings.REDIS_URL:
+                # Begun on another process a moment ago: wait for its stream.
+                followed = await self._follow(reply.pk, after, wait_for_stream=True)
+                if followed is not None and followed.outcome == "done":
+                    return
+            if followed is not None:
+                # Embedded: one server process, and it does not know this
+                # reply, so the process that began it is gone. Scaled: its
+                # writer stopped saying it lives.
+                fresh = await database_sync_to_async(reply_recover)(
+                    reply_id=reply.pk,
+                    seen_text=followed.text if followed.outcome == "interrupted" else None,
+                )
+                after = max(after, followed.last_seq)
+                if followed.outcome == "interrupted" and fresh.status != Message.Status.PENDING:
+                    try:
+                        await hub.end_interrupted(reply.pk, selectors.done_frame_for(fresh))
+                    except Exception:
+                        logger.warning("closing the stream of reply %s failed", reply.pk)
         if fresh.status == Message.Status.PENDING:
-            # Its process is gone and its stream expired; the reaper will
-            # finish it. Tell the client rather than leave it waiting.
+            # Redis cannot be read, so who runs it is unknown; the reaper
+            # will finish it. Tell the client rather than leave it waiting.
             self._deliver(NotFound("That reply was interrupted and is being recovered.").frame())
-            return False
+            return
         self._deliver(stored_replay(fresh, after))
         self._deliver(selectors.done_frame_for(fresh))
-        return True
+
+    async def _follow(self, reply_id: int, after: int, *, wait_for_stream: bool) -> Followed | None:
+        """Follow the reply's stream from another process; None if Redis failed."""
+        try:
+            return await hub.follow_remote(
+                reply_id=reply_id,
+                after=after,
+                listener=self._deliver,
+                wait_for_stream=wait_for_stream,
+            )
+        except Exception:
+            logger.warning("resume from Redis failed for reply %s", reply_id, exc_info=True)
+            return None
 
     async def on_feedback(self, frame: dict[str, Any]) -> None:
         from feedback.services import feedback_submit

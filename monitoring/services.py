@@ -340,7 +340,7 @@ def spend_check(*, now: dt.datetime | None = None) -> Alert | None:
     )
 
 
-def _streamed_text(reply_id: int) -> str | None:
+def reply_seen_text(*, reply_id: int) -> str | None:
     """Return the text a reply's user saw: its Redis replay stream when scaled,
     else (or once that has expired) the text kept for the reaper in the cache:
     a dead process's last checkpoint, or a finished reply that could not be
@@ -381,6 +381,74 @@ def _replay_stream_text(reply_id: int) -> str | None:
     return "".join(texts[s] for s in sorted(texts)) if texts else None
 
 
+def reply_fail_interrupted(
+    *,
+    reply_id: int,
+    model: str,
+    created_at: dt.datetime,
+    text: str,
+    now: dt.datetime | None = None,
+) -> bool:
+    """Fail a reply whose process died mid-reply, keeping `text`; return False if it was finished.
+
+    The one way such a reply ends, whether the reaper finds it late or a
+    resume finds it at once: `unavailable`, no usage or cost (nothing was
+    measured), and counted in the metrics only by the finisher that wins
+    the status-guarded `reply_finish`.
+    """
+    now = now or timezone.now()
+    latency_ms = max(int((now - created_at).total_seconds() * 1000), 0)
+    if not reply_finish(
+        reply_id=reply_id,
+        content=text,
+        finish_reason=Message.FinishReason.ERROR,
+        model=model,
+        ttft_ms=None,
+        latency_ms=latency_ms,
+        prompt_tokens=None,
+        completion_tokens=None,
+        cost_usd=Decimal("0"),
+        error_code="unavailable",
+    ):
+        return False
+    metrics.reply_observed(
+        model=model,
+        outcome="error",
+        ttft_s=None,
+        duration_s=latency_ms / 1000,
+        prompt_tokens=0,
+        completion_tokens=0,
+        cost_usd=0.0,
+        error_code="unavailable",
+    )
+    return True
+
+
+def reply_recover(*, reply_id: int, seen_text: str | None = None) -> Message:
+    """Fail a pending reply whose process is known to be gone; return the row as stored.
+
+    Called when a resume finds nobody generating the reply: in the embedded
+    mode its one server process does not know it (so the process that began
+    it has died), in the scaled mode the process writing its stream has
+    stopped proving it lives. `seen_text` is what its stream held, when the
+    caller has read it; otherwise it is read as the reaper reads it (the
+    embedded checkpoint). A reply that is no longer pending is returned as is.
+    """
+    reply = Message.objects.get(pk=reply_id)
+    if reply.status != Message.Status.PENDING:
+        return reply
+    if seen_text is None:
+        seen_text = reply_seen_text(reply_id=reply_id)
+    if reply_fail_interrupted(
+        reply_id=reply_id,
+        model=reply.model,
+        created_at=reply.created_at,
+        text=seen_text or reply.content,
+    ):
+        logger.warning("resume: reply %s left pending by a dead process failed", reply_id)
+    return Message.objects.get(pk=reply_id)
+
+
 def replies_reap(*, now: dt.datetime | None = None, limit: int = 500) -> list[int]:
     """Fail replies left pending by a process that died; return their ids.
 
@@ -388,6 +456,8 @@ def replies_reap(*, now: dt.datetime | None = None, limit: int = 500) -> list[in
     it; past MONITORING_REAP_AFTER_S nobody is. The text the user saw is kept
     (read back from the replay stream when scaled). `reply_finish` only moves
     a pending reply, so a live finisher racing with us wins or loses cleanly.
+    Most such replies are failed sooner, when their page resumes them
+    (`reply_recover`); the reaper finds those nobody came back for.
     """
     now = now or timezone.now()
     cutoff = now - dt.timedelta(seconds=settings.MONITORING_REAP_AFTER_S)
@@ -400,31 +470,11 @@ def replies_reap(*, now: dt.datetime | None = None, limit: int = 500) -> list[in
     )
     reaped = []
     for pk, content, model, created_at in stale:
-        text = _streamed_text(pk) or content
-        latency_ms = int((now - created_at).total_seconds() * 1000)
-        if reply_finish(
-            reply_id=pk,
-            content=text,
-            finish_reason=Message.FinishReason.ERROR,
-            model=model,
-            ttft_ms=None,
-            latency_ms=latency_ms,
-            prompt_tokens=None,
-            completion_tokens=None,
-            cost_usd=Decimal("0"),
-            error_code="unavailable",
+        text = reply_seen_text(reply_id=pk) or content
+        if reply_fail_interrupted(
+            reply_id=pk, model=model, created_at=created_at, text=text, now=now
         ):
             reaped.append(pk)
-            metrics.reply_observed(
-                model=model,
-                outcome="error",
-                ttft_s=None,
-                duration_s=latency_ms / 1000,
-                prompt_tokens=0,
-                completion_tokens=0,
-                cost_usd=0.0,
-                error_code="unavailable",
-            )
     if reaped:
         logger.warning("reaper: %d reply(ies) left pending by a dead process failed", len(reaped))
     return reaped

@@ -251,6 +251,13 @@ CHAT_BLOCK_INJECTION_SCORE = env.float("CHAT_BLOCK_INJECTION_SCORE", default=Non
 # 120 s is ~24 MB); a later resume is answered from the database.
 CHAT_REPLAY_TTL_SECONDS = env.int("CHAT_REPLAY_TTL_SECONDS", default=120)
 CHAT_REPLAY_FLUSH_MS = env.int("CHAT_REPLAY_FLUSH_MS", default=50)
+# Scaled mode: a process with running replies refreshes a key saying it lives
+# (every fifth of this), which lapses this long after it dies. A resume on
+# another process whose stream is quiet for half this long checks the key, and
+# fails the reply at once when its writer is gone. Longer tolerates longer
+# event-loop stalls (seconds in a 1,000-send burst); shorter ends a dead
+# writer's replies sooner.
+CHAT_WRITER_ALIVE_S = env.float("CHAT_WRITER_ALIVE_S", default=5.0)
 # No reply may run longer than this; also bounds how long its stream is kept.
 CHAT_REPLY_MAX_SECONDS = env.int("CHAT_REPLY_MAX_SECONDS", default=600)
 # Embedded mode: how often a running reply's text is copied to the shared

@@ -27,7 +27,7 @@
   const state = {
     conversation: null,
     pending: null,       // a send waiting for chat.accepted: {frame, userEl, content}
-    streaming: null,     // the reply arriving: {message, el, view, seq, model, text}
+    streaming: null,     // the reply arriving: {message, el, view, seq, model, text, resuming}
     socket: null,
     retryMs: 500,
     retry: null,         // what the Retry button does
@@ -37,6 +37,8 @@
   };
 
   const TRANSIENT = new Set(["rate_limited", "timeout", "unavailable", "internal", "budget_exceeded"]);
+  // Errors that answer a resume of the streaming reply: it will not go on.
+  const STREAM_LOST = new Set(["not_found", "forbidden", "internal", "unavailable"]);
   const FINISH_WORDS = {
     cancelled: "Stopped",
     length: "Cut off at the length limit",
@@ -344,8 +346,7 @@
     for (const m of data.messages) {
       const li = addMessage(m);
       if (m.role === "assistant" && m.status === "pending") {
-        startReply({ message: m.id, model: m.model }, li);
-        send({ type: "chat.resume", message: m.id, after: 0 });
+        resume(startReply({ message: m.id, model: m.model }, li));
       }
     }
     updateEmptyState();
@@ -376,6 +377,13 @@
       return true;
     }
     return false;
+  }
+
+  function resume(s) {
+    // Until chat.done, an error answering this (the reply is gone, or its
+    // server died and nobody can tell what became of it) ends the stream.
+    s.resuming = true;
+    return send({ type: "chat.resume", message: s.message, after: s.seq });
   }
 
   function submit(frame, content) {
@@ -424,26 +432,31 @@
     }
     if (p.userEl) p.userEl.dataset.id = frame.user_message;
     const s = startReply(frame);
-    if (frame.duplicate) send({ type: "chat.resume", message: frame.message, after: 0 });
+    if (frame.duplicate) resume(s);
     if (p.stop) send({ type: "chat.stop", message: frame.message });  // Stop pressed early
     s.el.querySelector(".meta").textContent = "Thinking…";
     announce("Reply started.");
     if (isNew) { state.titleChecks = 0; loadConversations(); }
   }
 
+  function endStream(s, done) {
+    // The text shown stays; the composer works again.
+    s.view.finish(s.text);
+    s.el.dataset.source = s.text;
+    finishReply(s.el, done);
+    state.streaming = null;
+    setBusy(false);
+  }
+
   function onDone(frame) {
     const s = state.streaming;
     if (!s || s.message !== frame.message) return;
-    s.view.finish(s.text);
-    s.el.dataset.source = s.text;
-    finishReply(s.el, {
+    endStream(s, {
       finish_reason: frame.finish_reason,
       model: frame.model,
       fallback: Boolean(s.model && frame.model && frame.model !== s.model),
       error_message: s.error,
     });
-    state.streaming = null;
-    setBusy(false);
     const words = FINISH_WORDS[frame.finish_reason];
     if (frame.finish_reason === "error") {
       showError(s.error || "The reply failed.", () => regenerate(frame.message));
@@ -489,6 +502,12 @@
       // Resuming a reply that no longer exists (deleted elsewhere).
       s.el.remove();
       leaveStream();
+    } else if (s && !frame.client_msg_id && s.resuming && STREAM_LOST.has(frame.code)) {
+      // The resume was refused: no chat.done will come. Keep what
+      // arrived, mark it failed and let the user write again.
+      endStream(s, { finish_reason: "error", model: s.model, error_message: text });
+      announce("The reply failed.");
+      loadConversations();
     }
     showError(text);
   }
@@ -537,8 +556,7 @@
       case "chat.started":
         // Another tab of ours began a reply: follow it here if it is on screen.
         if (frame.conversation === state.conversation && !state.streaming && !state.pending) {
-          startReply({ message: frame.message });
-          send({ type: "chat.resume", message: frame.message, after: 0 });
+          resume(startReply({ message: frame.message }));
         } else {
           loadConversations();
         }
@@ -564,7 +582,7 @@
       app.dataset.connected = "true";
       state.retryMs = 500;
       const s = state.streaming;
-      if (s) send({ type: "chat.resume", message: s.message, after: s.seq });
+      if (s) resume(s);
       if (state.pending) {
         // The send may or may not have arrived: the same client_msg_id is
         // answered once, so sending it again is safe.

@@ -166,3 +166,88 @@ async def test_the_same_users_other_tab_hears_of_a_new_reply_and_can_follow_it(w
     original = await recv_until_done(tab_a)
     assert delta_text(followed) == delta_text(original)
     assert await stranger.receive_nothing(timeout=0.2)
+
+
+@database_sync_to_async
+def reply_left_by_a_dead_process(
+    make_user, name: str, settings, seen: list[str]
+) -> tuple[str, int]:
+    """Leave a reply as a process killed mid-reply does: the row pending, and the
+    text its user saw where that process kept it (the checkpoint in the shared
+    cache when embedded; a Redis stream naming a writer that no longer lives
+    when scaled). Return the owner's cookie and the reply's id."""
+    from django.core.cache import cache
+
+    from chat.models import Conversation
+    from chat.replay import partial_key
+
+    user = make_user(name)
+    conversation = Conversation.objects.create(user=user)
+    question = Message.objects.create(
+        conversation=conversation, role=Message.Role.USER, content="tell me a story"
+    )
+    reply = Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.PENDING,
+        reply_to=question,
+        model="demo:demo",
+    )
+    if settings.REDIS_URL:
+        import redis
+
+        client = redis.from_url(settings.REDIS_URL)
+        key = f"chat:replay:{reply.pk}"
+        client.xadd(key, {"writer": "a-host:4242:gone"})
+        for seq, text in enumerate(seen, 1):
+            client.xadd(key, {"seq": str(seq), "text": text})
+        client.expire(key, 60)
+    else:
+        cache.set(partial_key(reply.pk), "".join(seen))
+    return session_cookie_for(user), reply.pk
+
+
+def unavailable_errors() -> float:
+    from tests.monitoring.helpers import scrape, value
+
+    return value(scrape(), "ai_errors_total", model="demo:demo", code="unavailable")
+
+
+async def test_resuming_a_reply_whose_process_died_ends_it_at_once_as_failed(
+    ws, make_user, settings
+):
+    """The page reconnects after a crash: the reply ends now, failed, with the text
+    the user saw, stored once and counted once, instead of streaming forever."""
+    from asgiref.sync import sync_to_async
+
+    from tests.monitoring.helpers import TOKEN
+
+    settings.METRICS_TOKEN = TOKEN
+    settings.CHAT_WRITER_ALIVE_S = 0.2  # scaled: how soon a quiet writer is checked
+    seen = ["Once ", "upon ", "a time"]
+    cookie, reply_id = await reply_left_by_a_dead_process(make_user, "alice", settings, seen)
+    errors_before = await sync_to_async(unavailable_errors)()
+
+    comm = await ws(cookie)
+    await send(comm, {"type": "chat.resume", "message": reply_id, "after": 2})
+    frames = await recv_until_done(comm)
+
+    assert [f["type"] for f in frames if f["type"] != "chat.delta"] == ["chat.done"]
+    assert frames[-1]["finish_reason"] == "error"
+    last = [f for f in frames if f["type"] == "chat.delta"][-1]
+    assert last["replace"] is True and last["text"] == "".join(seen)
+    reply = await reload(reply_id)
+    assert (reply.status, reply.finish_reason, reply.error_code) == (
+        "finished",
+        "error",
+        "unavailable",
+    )
+    assert reply.content == "".join(seen)
+
+    # Another tab resuming it now gets the stored reply; nothing is counted twice.
+    other = await ws(cookie)
+    await send(other, {"type": "chat.resume", "message": reply_id, "after": 0})
+    replayed = await recv_until_done(other)
+    assert delta_text(replayed) == "".join(seen)
+    assert replayed[-1]["finish_reason"] == "error"
+    assert await sync_to_async(unavailable_errors)() == errors_before + 1

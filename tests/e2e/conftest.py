@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -121,6 +122,38 @@ def stop_server(process: subprocess.Popen[str]) -> int:
             process.wait()
             raise
     return process.returncode
+
+
+def server_pids(server: RunningServer) -> list[int]:
+    """Every process of this server: honcho starts each in its own session."""
+    marker = f"CHAT_DATA_DIR={server.data_dir}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def kill_server(server: RunningServer) -> None:
+    """SIGKILL every process of the server, as a power cut would, and wait until they are gone."""
+    pids = server_pids(server)
+    assert pids
+    handles = []
+    for pid in pids:
+        try:
+            handles.append(os.pidfd_open(pid))
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    for handle in handles:
+        select.select([handle], [], [], 30)  # readable once the process has exited
+        os.close(handle)
+    server.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -652,6 +652,57 @@ def test_dropped_connection_mid_reply_resumes_without_gaps_or_repeats(ctx):
     assert reply.locator(".content").inner_text().strip() == stored["content"].strip()
 
 
+def test_a_resume_answered_with_an_error_ends_the_reply_and_frees_the_composer(ctx):
+    """When the server cannot go on with a resumed reply (its process died and it
+    says so with chat.error), the page keeps the text shown, marks the reply
+    failed and lets the user send again, instead of streaming forever."""
+    page, _ = ctx
+    sockets: list[Any] = []
+    mode = {"fake": False}
+
+    def route(ws: Any) -> None:
+        sockets.append(ws)
+        if not mode["fake"]:
+            ws.connect_to_server()
+            return
+
+        # A server that lost the reply: the answer older releases gave.
+        def answer(message: str | bytes) -> None:
+            if json.loads(message)["type"] == "chat.resume":
+                ws.send(
+                    json.dumps(
+                        {
+                            "type": "chat.error",
+                            "code": "not_found",
+                            "message": "That reply was interrupted and is being recovered.",
+                        }
+                    )
+                )
+
+        ws.on_message(answer)
+
+    page.route_web_socket(re.compile(r"/ws/chat/$"), route)
+    page.goto("/")
+    send(page, f"Interrupted {uuid.uuid4().hex[:6]}")
+    wait_longer_than(page, 40)
+    shown = last_reply(page).locator(".content").inner_text().rstrip("▍").strip()
+    mode["fake"] = True
+    sockets[-1].close()
+    reply = wait_reply_done(page, "error")
+    assert reply.get_attribute("data-source").startswith(shown)
+    assert reply.locator(".content").inner_text().startswith(shown)
+    expect(page.locator("#error")).to_contain_text("interrupted")
+    expect(page.locator("#stop")).to_be_hidden()
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#app")).to_have_attribute("data-streaming", "false")
+
+    mode["fake"] = False
+    sockets[-1].close()  # back to the real server
+    expect(page.locator("#connection")).to_have_text("", timeout=15_000)
+    send(page, "And another question")
+    wait_reply_done(page, "stop")
+
+
 def test_reload_mid_reply_resumes_the_reply(ctx):
     """Reloading while a reply streams picks it up again and shows it whole."""
     page, _ = ctx

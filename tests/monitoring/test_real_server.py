@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -16,7 +15,14 @@ import httpx
 import pytest
 import websockets
 
-from tests.e2e.conftest import REPO, server_env, start_server, stop_server
+from tests.e2e.conftest import (
+    REPO,
+    kill_server,
+    server_env,
+    server_pids,
+    start_server,
+    stop_server,
+)
 from tests.monitoring.helpers import TOKEN, parse, value
 
 pytestmark = pytest.mark.e2e
@@ -37,38 +43,6 @@ def _in_server_env(server, code: str, **extra: str) -> str:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1]
-
-
-def _server_pids(server) -> list[int]:
-    """Every process of this server: honcho starts each in its own session."""
-    marker = f"CHAT_DATA_DIR={server.data_dir}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if marker in f.read().split(b"\0"):
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
-
-
-def _kill_server(server) -> None:
-    """SIGKILL every process of the server, as a power cut would, and wait until they are gone."""
-    pids = _server_pids(server)
-    assert pids
-    handles = []
-    for pid in pids:
-        try:
-            handles.append(os.pidfd_open(pid))
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-    for handle in handles:
-        select.select([handle], [], [], 30)  # readable once the process has exited
-        os.close(handle)
-    server.process.wait(timeout=30)
 
 
 async def _open_socket(server):
@@ -153,7 +127,7 @@ async def test_metrics_sum_processes_and_reaper_finishes_a_killed_reply(tmp_path
             # Embedded: the text lives in the server process and is copied to
             # the shared cache every 0.2 s; wait until a copy holds what we saw.
             _wait_for_checkpoint(server, accepted["message"], "".join(received[:4]))
-        _kill_server(server)
+        kill_server(server)
         killed = True
         row = json.loads(
             _in_server_env(
@@ -180,6 +154,6 @@ async def test_metrics_sum_processes_and_reaper_finishes_a_killed_reply(tmp_path
     finally:
         if not killed:
             stop_server(server.process)
-        for pid in _server_pids(server):  # never leave a process behind
+        for pid in server_pids(server):  # never leave a process behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
