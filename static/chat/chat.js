@@ -27,7 +27,7 @@
   const state = {
     conversation: null,
     pending: null,       // a send waiting for chat.accepted: {frame, userEl, content}
-    streaming: null,     // the reply arriving: {message, el, view, seq, model, text, resuming}
+    streaming: null,     // the reply arriving: {message, el, view, seq, model, text, resuming, stopRequested}
     socket: null,
     retryMs: 500,
     retry: null,         // what the Retry button does
@@ -37,7 +37,7 @@
   };
 
   const TRANSIENT = new Set(["rate_limited", "timeout", "unavailable", "internal", "budget_exceeded"]);
-  // Errors that answer a resume of the streaming reply: it will not go on.
+  // Errors that answer a resume or a stop of the streaming reply: it will not go on.
   const STREAM_LOST = new Set(["not_found", "forbidden", "internal", "unavailable"]);
   const FINISH_WORDS = {
     cancelled: "Stopped",
@@ -386,6 +386,18 @@
     return send({ type: "chat.resume", message: s.message, after: s.seq });
   }
 
+  function requestStop(s) {
+    s.stopRequested = true;
+    const meta = s.el.querySelector(".meta");
+    if (send({ type: "chat.stop", message: s.message })) {
+      meta.textContent = "Stopping…";
+      return;
+    }
+    // The socket is down: the stop is sent once it is back, after the resume.
+    meta.textContent = "Will stop when the connection is back…";
+    announce("Stop requested. It will be sent when the connection is back.");
+  }
+
   function submit(frame, content) {
     showError("");
     if (!send(frame)) {
@@ -502,8 +514,8 @@
       // Resuming a reply that no longer exists (deleted elsewhere).
       s.el.remove();
       leaveStream();
-    } else if (s && !frame.client_msg_id && s.resuming && STREAM_LOST.has(frame.code)) {
-      // The resume was refused: no chat.done will come. Keep what
+    } else if (s && !frame.client_msg_id && (s.resuming || s.stopRequested) && STREAM_LOST.has(frame.code)) {
+      // The resume or stop was refused: no chat.done will come. Keep what
       // arrived, mark it failed and let the user write again.
       endStream(s, { finish_reason: "error", model: s.model, error_message: text });
       announce("The reply failed.");
@@ -582,7 +594,10 @@
       app.dataset.connected = "true";
       state.retryMs = 500;
       const s = state.streaming;
-      if (s) resume(s);
+      if (s) {
+        resume(s);
+        if (s.stopRequested) requestStop(s);  // pressed while we were away, or lost with the socket
+      }
       if (state.pending) {
         // The send may or may not have arrived: the same client_msg_id is
         // answered once, so sending it again is safe.
@@ -773,7 +788,7 @@
   });
 
   stopBtn.addEventListener("click", () => {
-    if (state.streaming) send({ type: "chat.stop", message: state.streaming.message });
+    if (state.streaming) requestStop(state.streaming);
     else if (state.pending) state.pending.stop = true;
     input.focus();
   });

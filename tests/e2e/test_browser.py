@@ -652,6 +652,49 @@ def test_dropped_connection_mid_reply_resumes_without_gaps_or_repeats(ctx):
     assert reply.locator(".content").inner_text().strip() == stored["content"].strip()
 
 
+def test_stop_pressed_while_reconnecting_is_sent_once_the_socket_is_back(ctx):
+    """Stop during "Reconnecting…" is not lost: the page says it will stop, resumes,
+    sends the stop, and the reply ends stopped with the text shown stored."""
+    page, _ = ctx
+    sockets: list[Any] = []
+    refuse = {"on": False}
+    sent_after_refusal: list[dict[str, Any]] = []
+
+    def route(ws: Any) -> None:
+        if refuse["on"]:
+            ws.close()
+            return
+        server = ws.connect_to_server()
+        if sockets:  # the reconnect: note what the page says, and pass it on
+
+            def relay(message: str | bytes) -> None:
+                sent_after_refusal.append(json.loads(message))
+                server.send(message)
+
+            ws.on_message(relay)
+        sockets.append(ws)
+
+    page.route_web_socket(re.compile(r"/ws/chat/$"), route)
+    page.goto("/")
+    send(page, f"Stop me while offline {uuid.uuid4().hex[:6]}")
+    wait_longer_than(page, 40)
+    refuse["on"] = True
+    sockets[-1].close()
+    expect(page.locator("#connection")).to_have_text("Connection lost. Reconnecting…")
+    page.click("#stop")
+    reply = last_reply(page)
+    expect(reply.locator(".meta")).to_have_text("Will stop when the connection is back…")
+    expect(page.locator("#stop")).to_be_visible()
+    refuse["on"] = False
+    reply = wait_reply_done(page, "cancelled")
+    types = [f["type"] for f in sent_after_refusal]
+    assert types[:2] == ["chat.resume", "chat.stop"], sent_after_refusal
+    stored = history(page, current_conversation(page))[-1]
+    assert stored["finish_reason"] == "cancelled"
+    assert reply.get_attribute("data-source") == stored["content"]
+    expect(page.locator("#send")).to_be_enabled()
+
+
 def test_a_resume_answered_with_an_error_ends_the_reply_and_frees_the_composer(ctx):
     """When the server cannot go on with a resumed reply (its process died and it
     says so with chat.error), the page keeps the text shown, marks the reply
