@@ -321,6 +321,9 @@ FEEDBACK_EXPORT_STREAM_MAX = env.int("FEEDBACK_EXPORT_STREAM_MAX", default=2000)
 FEEDBACK_EXPORT_DIR = Path(env.str("FEEDBACK_EXPORT_DIR", default=str(DATA_DIR / "exports")))
 # At most this many messages before a rated reply go into its export context.
 FEEDBACK_EXPORT_CONTEXT_MESSAGES = env.int("FEEDBACK_EXPORT_CONTEXT_MESSAGES", default=100)
+# A running export job silent this long has lost its worker and is taken over
+# by the next delivery; a live worker stamps its job every fifth of this.
+FEEDBACK_EXPORT_STALE_SECONDS = env.int("FEEDBACK_EXPORT_STALE_SECONDS", default=300)
 FEEDBACK_ROLLUP_SECONDS = env.int("FEEDBACK_ROLLUP_SECONDS", default=60)
 CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
