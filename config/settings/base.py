@@ -493,9 +493,25 @@ CONTENT_SECURITY_POLICY: dict[str, dict[str, object]] = {
         "frame-ancestors": ["'none'"],
     }
 }
-# Password-reset mail; the console backend until an operator configures SMTP.
+# Password-reset mail goes to the SMTP server in EMAIL_HOST. Without one the
+# embedded mode (a local demo) prints each mail to its terminal's stdout, never
+# through logging; production always uses SMTP, and `check --deploy` refuses
+# it without a server (chat.E001).
+EMAIL_HOST = env.str("EMAIL_HOST", default="")
+EMAIL_PORT = env.int("EMAIL_PORT", default=587)
+EMAIL_HOST_USER = env.str("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env.str("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=True)
+EMAIL_USE_SSL = env.bool("EMAIL_USE_SSL", default=False)
+# A reset request waits on the mail server; it must not hang a worker.
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="webmaster@localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
 EMAIL_BACKEND = env.str(
-    "DJANGO_EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend"
+    "DJANGO_EMAIL_BACKEND",
+    default="django.core.mail.backends.smtp.EmailBackend"
+    if EMAIL_HOST
+    else "django.core.mail.backends.console.EmailBackend",
 )
 
 # Send the model PII-redacted text ("[EMAIL]", "[PHONE]" …) instead of what the

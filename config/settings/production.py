@@ -39,3 +39,10 @@ CONTENT_SECURITY_POLICY["DIRECTIVES"] = {  # noqa: F405
 SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 SESSION_COOKIE_HTTPONLY = True
 LANGUAGE_COOKIE_SECURE = True
+
+# Password-reset links are as good as a password: they go by SMTP only (the
+# EMAIL_* variables, base.py), never to the console, where anyone who reads
+# the logs could use them. `check --deploy` fails until a server is set.
+EMAIL_BACKEND = env.str(
+    "DJANGO_EMAIL_BACKEND", default="django.core.mail.backends.smtp.EmailBackend"
+)
