@@ -3,7 +3,9 @@
 `log_context(request_id=…, conversation_id=…, message_id=…)` binds ids for
 the code that runs inside it (a request, a reply task); every record then
 carries them. `RedactFilter` runs each record's message and arguments
-through the PII redactor; `JsonFormatter` writes one JSON object a line.
+through the PII redactor; both formatters (`PlainFormatter`, `JsonFormatter`)
+redact again what they render, tracebacks included, and cut the details of
+database errors, which quote rows of user text ("Failing row contains …").
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import contextvars
 import datetime as dt
 import json
 import logging
+import re
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
 from django.utils.decorators import sync_and_async_middleware
 
@@ -45,15 +50,62 @@ def bind(**ids: Any) -> None:
     _context.set({**_context.get(), **{k: v for k, v in ids.items() if v is not None}})
 
 
+# PostgreSQL puts the offending values in the lines after an error's first:
+# "DETAIL:  Failing row contains (…)", "DETAIL:  Key (email)=(…) already exists".
+_DETAIL_LINE = re.compile(r"^(\s*DETAIL:).*$", re.MULTILINE)
+_FAILING_ROW = re.compile(r"(Failing row contains|Key \([^)]*\)=)\s*\(.*", re.DOTALL)
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    # psycopg's own errors are known by name: importing psycopg here would load
+    # it in processes that never use PostgreSQL.
+    package = type(exc).__module__.partition(".")[0]
+    return isinstance(exc, DatabaseError | sqlite3.Error) or package in ("psycopg", "psycopg2")
+
+
+def _database_details(record: logging.LogRecord) -> list[str]:
+    """Return the full text of each database error the record carries, in its traceback or args."""
+    roots: list[object] = list(record.args) if isinstance(record.args, tuple) else []
+    if record.exc_info and record.exc_info[1] is not None:
+        roots.append(record.exc_info[1])
+    found: list[str] = []
+    seen: set[int] = set()
+    pending = [r for r in roots if isinstance(r, BaseException)]
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if _is_database_error(exc) and "\n" in str(exc).strip():
+            found.append(str(exc).strip())
+        pending.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+    return found
+
+
+def redact_log_text(text: str, record: logging.LogRecord) -> str:
+    """Return a rendered log text with personal data and database errors' details removed.
+
+    A database error keeps its first line (which constraint, which table);
+    the lines after it quote the row or key that broke it, often user text.
+    """
+    from chat.safety.pii import redact
+
+    for detail in _database_details(record):
+        first = detail.splitlines()[0]
+        text = text.replace(detail, f"{first} [details removed]")
+    # What the exact match missed: a detail rendered some other way.
+    text = _DETAIL_LINE.sub(r"\1 [removed]", text)
+    text = _FAILING_ROW.sub(r"\1 [removed]", text)
+    return redact(text)
+
+
 class RedactFilter(logging.Filter):
     """Redact personal data from every record; drop attributes that hold user text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from chat.safety.pii import redact
-
         try:
             message = record.getMessage()
-            record.msg = redact(message)
+            record.msg = redact_log_text(message, record)
             record.args = None
             for name in _TEXT_ATTRS & vars(record).keys():
                 setattr(record, name, "[Filtered]")
@@ -63,6 +115,16 @@ class RedactFilter(logging.Filter):
         except Exception:
             record.msg, record.args = "[unloggable record]", None
         return True
+
+
+class PlainFormatter(logging.Formatter):
+    """A line of text per record; the whole of it redacted, traceback and stack included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            return redact_log_text(super().format(record), record)
+        except Exception:
+            return f"{record.levelname} {record.name} [unloggable record]"
 
 
 class JsonFormatter(logging.Formatter):
@@ -86,6 +148,11 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        for key in ("message", "exc_info", "stack_info"):
+            if key in entry:
+                entry[key] = redact_log_text(entry[key], record)
         return json.dumps(redact_obj(entry), default=str)
 
 
@@ -130,4 +197,12 @@ def _is_async(func: Callable[..., Any]) -> bool:
     return iscoroutinefunction(func)
 
 
-__all__ = ["JsonFormatter", "RedactFilter", "bind", "log_context", "request_id_middleware"]
+__all__ = [
+    "JsonFormatter",
+    "PlainFormatter",
+    "RedactFilter",
+    "bind",
+    "log_context",
+    "redact_log_text",
+    "request_id_middleware",
+]

@@ -227,7 +227,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {
+            "()": "monitoring.logs.PlainFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
@@ -396,7 +399,9 @@ if REDIS_URL:
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 3)
 MIDDLEWARE = ["monitoring.logs.request_id_middleware", *MIDDLEWARE]
-# LOG_FORMAT=json writes one JSON object a line; every record is redacted.
+# LOG_FORMAT=json writes one JSON object a line; every record is redacted, in
+# either format, as rendered (tracebacks too). The Celery worker and beat use
+# this configuration as well (config/celery.py).
 LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
 LOGGING["formatters"]["json"] = {"()": "monitoring.logs.JsonFormatter"}  # type: ignore[index]
 LOGGING["filters"] = {"redact": {"()": "monitoring.logs.RedactFilter"}}
