@@ -181,14 +181,13 @@ class FeedbackAdmin(admin.ModelAdmin):
         head = format_html("<p>{} earlier messages not shown.</p>", omitted) if omitted else ""
         items = format_html_join(
             "",
-            '<div class="turn turn-{}" style="margin:0 0 8px;padding:6px 8px;'
-            "border-left:4px solid {};"
-            'background:var(--darkened-bg)"><strong>{}{}</strong>'
-            '<div style="white-space:pre-wrap">{}</div></div>',
+            # Styled by static/feedback/admin.css: the CSP blocks inline styles.
+            '<div class="turn turn-{}{}"><strong>{}{}</strong>'
+            '<div class="turn-text">{}</div></div>',
             (
                 (
                     line.role,
-                    "#c33" if line.is_rated else ("#888" if line.role == "user" else "#49c"),
+                    " turn-rated" if line.is_rated else "",
                     line.role,
                     " — the rated reply" if line.is_rated else "",
                     line.content or "(empty)",

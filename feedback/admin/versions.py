@@ -177,7 +177,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
         events = VersionEvent.objects.filter(version=obj).select_related("actor", "from_version")
         return format_html_join(
             "",
-            "<div style='margin-bottom:10px'><strong>{}</strong> · {} · {}{}</div>",
+            "<div class='version-event'><strong>{}</strong> · {} · {}{}</div>",
             (
                 (e.get_kind_display(), _who(e), f"{e.created_at:%Y-%m-%d %H:%M:%S}", diff_html(e))
                 for e in events
@@ -342,13 +342,12 @@ def diff_html(event: VersionEvent) -> SafeString:
             )
             body = format_html_join(
                 "",
-                "<div style='color:{}'>{}</div>",
-                ((_diff_colour(line), line) for line in lines),
+                "<div class='{}'>{}</div>",
+                ((_diff_class(line), line) for line in lines),
             )
             parts.append(
                 format_html(
-                    "<div>system prompt:"
-                    "<pre style='margin:2px 0;white-space:pre-wrap'>{}</pre></div>",
+                    "<div>system prompt:<pre class='prompt-diff'>{}</pre></div>",
                     body,
                 )
             )
@@ -364,12 +363,13 @@ def diff_html(event: VersionEvent) -> SafeString:
     return format_html_join("", "{}", ((p,) for p in parts))
 
 
-def _diff_colour(line: str) -> str:
+def _diff_class(line: str) -> str:
+    # Colours are in static/feedback/admin.css: the CSP blocks inline styles.
     if line.startswith("+") and not line.startswith("+++"):
-        return "#2a7a2a"
+        return "diff-added"
     if line.startswith("-") and not line.startswith("---"):
-        return "#b22"
-    return "inherit"
+        return "diff-removed"
+    return "diff-context"
 
 
 def _shown(value: Any) -> str:

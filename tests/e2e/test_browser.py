@@ -617,6 +617,55 @@ def test_a_rating_from_the_page_reaches_the_staff_desk_and_the_export(ctx, brows
         context.close()
 
 
+def test_the_desk_shows_line_breaks_and_marks_the_rated_reply_under_the_csp(ctx, browser, app):
+    """The review desk's conversation keeps a message's lines and marks the rated reply,
+    styled by the admin stylesheet: the page's CSP refuses inline styles, and none is tried."""
+    page, _ = ctx
+    sign_up(page)
+    tag = uuid.uuid4().hex[:8]
+    reply = quick_exchange(page, f"first line {tag}\nsecond line")
+    reply.locator(".thumb.down").click()
+    panel = reply.locator(".feedback-panel")
+    panel.locator("textarea").fill(f"desk style {tag}")
+    panel.locator("button[type=submit]").click()
+    expect(reply).to_have_attribute("data-saved", "-1")
+
+    context, staff, watch = open_context(browser, app, viewport={"width": 1280, "height": 900})
+    console: list[str] = []
+    staff.on("console", lambda message: console.append(message.text))
+    staff.add_init_script(
+        "window.__csp = []; document.addEventListener('securitypolicyviolation',"
+        " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    try:
+        staff.goto("/admin/login/?next=/admin/")
+        staff.fill("#id_username", "admin")
+        staff.fill("#id_password", "admin-pw-for-e2e")
+        staff.click("input[type=submit]")
+        staff.goto(f"/admin/feedback/feedback/?q=desk+style+{tag}")
+        row = staff.locator("#result_list tbody tr")
+        expect(row).to_have_count(1)
+        row.locator("th a, td a").first.click()
+        asked = staff.locator(".turn-user", has_text=tag)
+        expect(asked).to_have_count(1)
+        text = asked.locator(".turn-text")
+        assert text.evaluate("(e) => getComputedStyle(e).whiteSpace") == "pre-wrap"
+        assert text.inner_text() == f"first line {tag}\nsecond line"
+        rated = staff.locator(".turn-rated")
+        expect(rated).to_have_count(1)
+        border = rated.evaluate(
+            "(e) => [getComputedStyle(e).borderLeftStyle, getComputedStyle(e).borderLeftColor]"
+        )
+        assert border == ["solid", "rgb(204, 51, 51)"]  # the rated reply's red mark
+        plain = asked.evaluate("(e) => getComputedStyle(e).borderLeftColor")
+        assert plain == "rgb(136, 136, 136)"
+        assert staff.evaluate("() => window.__csp") == []
+        assert [m for m in console if "Content Security Policy" in m] == []
+        assert watch.page_errors == []
+    finally:
+        context.close()
+
+
 # --------------------------------------------------------------------------- reconnect
 
 
