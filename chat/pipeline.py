@@ -771,14 +771,30 @@ async def reply_run(
         with contextlib.suppress(ClientGone):
             await sender.close(deliver=result.finish_reason == "error")
 
-    done = await _store(
-        accepted, result, sender, history=prepared.history, started_at=started_at, now=loop.time()
-    )
-    hub.publish_done(buffer, done)
-    with contextlib.suppress(Exception):
-        if result.error is not None:
-            await to_origin(result.error.frame(client_msg_id=accepted.client_msg_id))
-        await to_origin(done)
+    async def end() -> None:
+        done = await _store(
+            accepted,
+            result,
+            sender,
+            history=prepared.history,
+            started_at=started_at,
+            now=loop.time(),
+        )
+        hub.publish_done(buffer, done)
+        with contextlib.suppress(Exception):
+            if result.error is not None:
+                await to_origin(result.error.frame(client_msg_id=accepted.client_msg_id))
+            await to_origin(done)
+
+    # Once the reply is ending, a second cancel (Stop clicked twice, a stop
+    # from another process seen on two polls, a server shutting down) must
+    # not cut off its row, its budget or its last frame: the user would wait
+    # for a chat.done that never comes.
+    ending = loop.create_task(end())
+    while not ending.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(ending)
+    ending.result()
     if result.cancelled:
         raise asyncio.CancelledError()
 

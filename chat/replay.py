@@ -83,6 +83,7 @@ class ReplyBuffer:
     done: dict[str, Any] | None = None
     listeners: list[Listener] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    stopped: bool = False  # a stop from another process has cancelled the task
 
     def delta(self, seq: int) -> dict[str, Any]:
         return {
@@ -382,9 +383,11 @@ class ReplayHub:
             results = await pipe.execute()
         if running:
             for reply_id, flag in zip(running, results[-1], strict=True):
-                task = self.running_task(reply_id)
-                if flag and task is not None:
-                    task.cancel()
+                buffer = self._buffers.get(reply_id)
+                # Once: the flag stays set while the stopped reply is stored.
+                if flag and buffer is not None and buffer.task is not None and not buffer.stopped:
+                    buffer.stopped = True
+                    buffer.task.cancel()
 
 
 hub = ReplayHub()

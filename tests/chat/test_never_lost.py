@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -50,6 +51,44 @@ async def test_stop_mid_stream_saves_exactly_the_text_sent(ws, make_user, slow_d
     assert reply.status == "finished" and reply.finish_reason == "cancelled"
     assert reply.content == delta_text(received)
     assert reply.latency_ms is not None and reply.ttft_ms is not None
+
+
+async def test_stop_pressed_again_while_the_reply_is_stored_still_ends_it(
+    ws, make_user, slow_demo, monkeypatch
+):
+    # A double click on Stop, or a stop from another process seen twice.
+    import threading
+
+    from chat import services
+
+    stored = threading.Event()
+    release = threading.Event()
+    real = services.reply_finish
+
+    def slow_reply_finish(**kwargs):
+        stored.set()
+        assert release.wait(10)
+        return real(**kwargs)
+
+    monkeypatch.setattr(services, "reply_finish", slow_reply_finish)
+    comm = await ws(await user_cookie(make_user))
+    await send(comm, send_frame("tell me a long story"))
+    accepted = await recv(comm)
+    assert (await recv(comm))["type"] == "chat.delta"
+    await send(comm, {"type": "chat.stop", "message": accepted["message"]})
+    await asyncio.to_thread(stored.wait, 10)  # the reply is being stored now
+    await send(comm, {"type": "chat.stop", "message": accepted["message"]})
+    # The socket answers frames in order: once this is answered, so was the second
+    # Stop. (A frame the database thread would answer waits for the store.)
+    await send(comm, {"type": "no.such.frame"})
+    frames = [await recv(comm)]
+    release.set()
+    while frames[-1]["type"] != "chat.done":
+        frames.append(await recv(comm))
+    assert [f.get("code") for f in frames if f["type"] == "chat.error"] == ["invalid_input"]
+    assert frames[-1]["finish_reason"] == "cancelled"
+    reply = await reload(accepted["message"])
+    assert reply.status == "finished" and reply.finish_reason == "cancelled"
 
 
 async def test_disconnect_mid_stream_saves_exactly_the_text_sent_when_set_to_cancel(
