@@ -158,7 +158,10 @@ def checks() -> list[Check]:
         Check("database", check_database, critical=True),
         Check("cache", check_cache, critical=True),
         Check("channel_layer", check_channel_layer, critical=True),
-        Check("broker", check_broker, critical=True),
+        # Background work only (titles, exports, rollups, the reaper): a
+        # broker outage degrades it, but every web process failing readiness
+        # at once would drain the whole service from the load balancer.
+        Check("broker", check_broker, critical=False),
         Check("worker_heartbeat", check_worker_heartbeat, critical=False),
         Check("migrations", check_migrations, critical=True),
         Check("disk", check_disk, critical=False),

@@ -88,16 +88,18 @@ def test_missing_worker_heartbeat_degrades_but_stays_ready():
     assert response.status_code == 200
 
 
-def test_broker_down_turns_ready_503_and_recovers(settings, closed_port):
+def test_broker_down_is_degraded_not_unready_and_recovers(settings, closed_port):
+    # The chat does not need the broker; draining every web process for it would.
     tasks.heartbeat.apply()
     with override_settings(
         CELERY_BROKER_URL=f"redis://127.0.0.1:{closed_port}/0", CELERY_BROKER_TRANSPORT_OPTIONS={}
     ):
         response, elapsed = detailed()
-    assert response.status_code == 503
-    assert response.json()["checks"]["broker"]["status"] == "fail"
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded" and body["checks"]["broker"]["status"] == "fail"
     assert elapsed < settings.HEALTH_CHECK_TIMEOUT_S + 1.5
-    assert detailed()[0].status_code == 200
+    assert detailed()[0].json()["status"] == "ok"
 
 
 def test_cache_redis_down_turns_ready_503_and_recovers(settings, closed_port):
