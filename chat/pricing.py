@@ -2,16 +2,19 @@
 
 Prices are rows of `chat.models.Price` (staff edit them in the admin); the
 row that applies is the latest whose `effective_from` is not after the reply,
-so a new price never rewrites what old replies were charged. A dated model
-name (`openai:gpt-4o-2024-08-06`) takes the price of the longest listed name
-it extends (`openai:gpt-4o`). The demo model is free; a model with no price
-costs 0 and is logged once per process.
+so a new price never rewrites what old replies were charged. A snapshot of a
+model (`openai:gpt-4o-2024-08-06`, `anthropic:claude-3-5-sonnet-latest`)
+takes the price of the name it dates (`openai:gpt-4o`); any other suffix is
+another model, with a price of its own (`openai:gpt-5-pro` is not `gpt-5`).
+The demo model is free; a model with no price costs 0 and is logged once
+per process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from decimal import Decimal
@@ -29,13 +32,17 @@ _warned: set[str] = set()
 _lookup_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="price-lookup")
 
 
+# A snapshot's suffix: a date (-2024-08-06, -20241022), a month-day code
+# (-0125) or -latest. Only these fall back to the name they extend: another
+# suffix is another model (gpt-5-pro costs about ten times gpt-5).
+_SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest)$")
+
+
 def price_at(*, model: str, at: datetime) -> Price | None:
     """Return the Price row in force for `model` at `at`, or None."""
     candidates = [model]
-    provider, _, name = model.partition(":")
-    parts = name.split("-")
-    # Dated or suffixed snapshots fall back to the name they extend.
-    candidates += [f"{provider}:{'-'.join(parts[:i])}" for i in range(len(parts) - 1, 0, -1)]
+    while (snapshot := _SNAPSHOT.search(candidates[-1])) is not None:
+        candidates.append(candidates[-1][: snapshot.start()])
     rows = list(
         Price.objects.filter(model__in=candidates, effective_from__lte=at).order_by(
             "model", "-effective_from"

@@ -83,6 +83,27 @@ def test_popular_models_are_priced_out_of_the_box_and_staff_see_them(make_user):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("model", "priced_as"),
+    [
+        ("openai:gpt-5-2025-08-07", "openai:gpt-5"),
+        ("openai:gpt-3.5-turbo-0125", "openai:gpt-3.5-turbo"),
+        ("anthropic:claude-sonnet-4-5-20250929", "anthropic:claude-sonnet-4-5"),
+        ("anthropic:claude-3-5-haiku-latest", "anthropic:claude-3-5-haiku"),
+        ("openai:gpt-4o-mini", "openai:gpt-4o-mini"),
+        # Another model, not a snapshot: about ten times the price of the name it extends.
+        ("openai:gpt-5-pro", None),
+        ("openai:o3-pro", None),
+    ],
+)
+def test_a_snapshot_takes_its_model_s_price_and_another_model_does_not(model, priced_as):
+    from chat.pricing import price_at
+
+    price = price_at(model=model, at=timezone.now())
+    assert (price.model if price else None) == priced_as
+
+
+@pytest.mark.django_db
 def test_staff_add_a_new_price_from_a_date_without_touching_the_old_one(make_user):
     client = Client()
     client.force_login(make_user("boss", staff=True))
