@@ -320,21 +320,45 @@ def drift_check(*, now: dt.datetime | None = None) -> list[Alert]:
     return raised
 
 
+# After midnight, the day that just ended is checked again for this long: the
+# check runs every ten minutes, so spend that passed the threshold in a day's
+# last minutes would otherwise be seen by no run.
+SPEND_CHECK_LOOKBACK = dt.timedelta(hours=1)
+
+
 def spend_check(*, now: dt.datetime | None = None) -> Alert | None:
-    """Alert when today's spend passes MONITORING_DAILY_SPEND_ALERT_USD."""
+    """Alert when a day's spend passes MONITORING_DAILY_SPEND_ALERT_USD; return today's alert.
+
+    Today so far, and in the first hour after midnight the whole of
+    yesterday too, unless it has its alert already.
+    """
     threshold = settings.MONITORING_DAILY_SPEND_ALERT_USD
     if threshold is None:
         return None
     now = now or timezone.now()
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    yesterday = day_start - dt.timedelta(days=1)
+    if (
+        now - day_start < SPEND_CHECK_LOOKBACK
+        and not Alert.objects.filter(key=_spend_key(yesterday)).exists()
+    ):
+        _spend_alert(day_start=yesterday, until=day_start, threshold=threshold)
+    return _spend_alert(day_start=day_start, until=now, threshold=threshold)
+
+
+def _spend_key(day_start: dt.datetime) -> str:
+    return f"spend:{day_start:%Y-%m-%d}"
+
+
+def _spend_alert(*, day_start: dt.datetime, until: dt.datetime, threshold: float) -> Alert | None:
     spent = Message.objects.filter(
-        role=Message.Role.ASSISTANT, created_at__gte=day_start, created_at__lt=now
+        role=Message.Role.ASSISTANT, created_at__gte=day_start, created_at__lt=until
     ).aggregate(total=Coalesce(Sum("cost_usd"), Decimal("0")))["total"]
     if spent <= Decimal(str(threshold)):
         return None
     return alert_raise(
         kind=Alert.Kind.SPEND,
-        key=f"spend:{day_start:%Y-%m-%d}",
+        key=_spend_key(day_start),
         title=f"Spend on {day_start:%Y-%m-%d} passed ${threshold:.2f}",
         detail={"spent_usd": float(spent), "threshold_usd": float(threshold)},
     )

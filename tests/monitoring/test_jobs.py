@@ -108,6 +108,26 @@ def test_spend_alert_fires_once_per_day_over_the_threshold(conversation, setting
     assert alert.detail["spent_usd"] == pytest.approx(0.06)
 
 
+def test_spend_that_passes_the_threshold_just_before_midnight_is_alerted(conversation, settings):
+    from monitoring import services
+
+    settings.MONITORING_DAILY_SPEND_ALERT_USD = 0.05
+    midnight = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    late = _reply(conversation, cost_usd=Decimal("0.06"))
+    _backdate(late, midnight - dt.timedelta(minutes=3))  # after the day's last check
+    # The first check of the new day, a few minutes past midnight.
+    services.spend_check(now=midnight + dt.timedelta(minutes=7))
+    (alert,) = Alert.objects.all()
+    yesterday = midnight - dt.timedelta(days=1)
+    assert alert.key == f"spend:{yesterday:%Y-%m-%d}"
+    assert alert.detail["spent_usd"] == pytest.approx(0.06)
+    # Later checks leave it be; today has spent nothing.
+    services.spend_check(now=midnight + dt.timedelta(minutes=17))
+    services.spend_check(now=midnight + dt.timedelta(hours=2))
+    (alert,) = Alert.objects.all()
+    assert alert.occurrences == 1
+
+
 def test_reaper_fails_old_pending_replies_and_spares_live_ones(conversation, settings):
     settings.MONITORING_REAP_AFTER_S = 60
     stale = _reply(
