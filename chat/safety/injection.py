@@ -8,15 +8,31 @@ pipeline decides what a score means (log, flag for review, refuse), using
 
 How text is matched
 -------------------
-Attackers dodge keyword lists with case, spacing, accents, look-alike letters
-and invisible characters, so every pattern runs on a folded copy of the text:
-NFKC (full-width and mathematical letters become ASCII), format characters
-(zero-width, bidi, soft hyphen) removed, Unicode TAG characters decoded back
-to the ASCII they hide, casefolded, Latin accents stripped ("précédentes" ->
-"precedentes") and whitespace collapsed. Natural-language patterns also run on
-a "squashed" copy where leet digits next to letters become letters ("1gn0r3"
--> "ignore") and spaced-out letters are joined ("i g n o r e" -> "ignore").
-Fake chat-template tags are matched on a copy that keeps line breaks.
+Attackers dodge keyword lists with case, spacing, accents, look-alike letters,
+Markdown and invisible characters, so every pattern runs on a folded copy of
+the text: NFKC (full-width and mathematical letters become ASCII), format
+characters (zero-width, bidi, soft hyphen) removed, Unicode TAG characters
+decoded back to the ASCII they hide, look-alike letters of other scripts
+turned into the Latin letters they imitate ("pipe bomb" with a Cyrillic o is
+"pipe bomb", see below), casefolded, Latin accents stripped ("précédentes" ->
+"precedentes") and whitespace collapsed. Natural-language patterns run on a
+copy without Markdown emphasis and code marks (* _ ` ~ ^, == and inline
+HTML emphasis tags, also inside words: "pi**pe bo**mb" -> "pipe bomb"), and
+also on a "squashed" copy where leet digits next to letters become letters
+("1gn0r3" -> "ignore") and spaced-out letters are joined ("i g n o r e" ->
+"ignore"). Fake chat-template tags are matched on a copy that keeps line
+breaks and underscores ("<|im_start|>").
+
+Look-alike letters come from a short table of the common confusables in
+Unicode's confusables list (Cyrillic, Greek, Armenian, Cherokee, Lisu and a
+few Latin extras that NFKC leaves alone), and are folded word by word: a
+word is folded when each of its letters is Latin or has a Latin twin ("bomb"
+with a Cyrillic o, or "pipe" all in Cyrillic). Ordinary Russian or Greek
+keeps nearly every word as written, since almost every word of it has a
+letter with no Latin twin (Cyrillic be, de, i, el, ya; Greek delta, lambda,
+pi, omega): prose in those scripts is not turned into English, and the
+patterns written in them still match
+(tests/safety/data/benign_multilingual.txt).
 
 How the score is built
 ----------------------
@@ -388,6 +404,60 @@ _FORMAT_CHARS = re.compile(
     "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0000\U000e0001\U000e007f]"
 )
 _TAG_RUN = re.compile("[\U000e0020-\U000e007e]+")
+
+# Letters of other scripts that look like a Latin letter, after Unicode's
+# confusables list (confusables.txt), limited to those that pass for the
+# Latin letter in ordinary fonts: small-capital shapes (Cyrillic ka, em, en,
+# te, ve; Greek kappa, tau) and near misses (Greek epsilon) are left out, so
+# that fewer words of real Russian or Greek have a Latin twin. Both cases are
+# listed because the fold runs before casefolding. Written as escapes: the
+# letters themselves cannot be told from the Latin ones on screen.
+_CONFUSABLE_PAIRS = (
+    # Cyrillic
+    ("\u0405\u0406\u0408\u0410\u0412\u0415\u041a\u041c", "SIJABEKM"),
+    ("\u041d\u041e\u0420\u0421\u0422\u0423\u0425\u0430", "HOPCTYXa"),
+    ("\u0435\u043e\u0440\u0441\u0443\u0445\u0455\u0456", "eopcyxsi"),
+    ("\u0458\u0475\u04ae\u04af\u04ba\u04bb\u04c0\u04cf", "jvYyHhll"),
+    ("\u0500\u0501\u051a\u051b\u051c\u051d", "DdQqWw"),
+    # Greek
+    ("\u037f\u0391\u0392\u0395\u0396\u0397\u0399\u039a", "JABEZHIK"),
+    ("\u039c\u039d\u039f\u03a1\u03a4\u03a5\u03a7\u03b1", "MNOPTYXa"),
+    ("\u03b3\u03b9\u03bd\u03bf\u03c1\u03c5\u03c7\u03f2", "yivopuxc"),
+    ("\u03f3\u03f9", "jC"),
+    # Armenian
+    ("\u054d\u054f\u0555\u0566\u0570\u0578\u057d\u0581", "USOqhnug"),
+    ("\u0585", "o"),
+    # Cherokee, capital and small
+    ("\u13a2\u13aa\u13ab\u13ac\u13b3\u13b7\u13bb\u13c0", "TAJEWMHG"),
+    ("\u13c3\u13d9\u13da\u13de\u13df\u13e2\u13e6\u13f4", "ZVSLCPKB"),
+    ("\uab72\uab7a\uab7b\uab7c\uab83\uab87\uab8b\uab90", "TAJEWMHG"),
+    ("\uab93\uaba9\uabaa\uabae\uabaf\uabb2\uabb6", "ZVSLCPK"),
+    # Lisu
+    ("\ua4d0\ua4d1\ua4d3\ua4d4\ua4d6\ua4d7\ua4d9\ua4da", "BPDTGKJC"),
+    ("\ua4dc\ua4dd\ua4df\ua4e0\ua4e1\ua4e2\ua4e3\ua4e6", "ZFMNLSRV"),
+    ("\ua4e7\ua4ea\ua4eb\ua4ec\ua4ee\ua4f0\ua4f2\ua4f3", "HWXYAEIO"),
+    ("\ua4f4", "U"),
+    # Latin letters that NFKC leaves as they are
+    ("\u0131\u0237\u0251\u0261\u0269\u028b", "ijagiu"),
+)
+_CONFUSABLES = {
+    look_alike: latin
+    for look_alikes, latins in _CONFUSABLE_PAIRS
+    for look_alike, latin in zip(look_alikes, latins, strict=True)
+}
+_UNCONFUSE = str.maketrans(_CONFUSABLES)
+# A word (letters, digits, underscores) whose every letter is Latin or has a
+# Latin twin, with at least one twin in it: "b\u043emb" (Cyrillic o) or
+# "\u0440\u0456\u0440\u0435" (all Cyrillic). A word with any other letter is
+# left as written: real Russian or Greek nearly always has one.
+_TWIN = "".join(sorted(_CONFUSABLES))
+_TWIN_CHAR = re.compile(f"[{_TWIN}]")
+_DISGUISED_WORD = re.compile(rf"(?<!\w)[A-Za-z0-9_{_TWIN}]*?[{_TWIN}][A-Za-z0-9_{_TWIN}]*(?!\w)")
+# Markdown emphasis and code marks, deleted from the flat fold (also inside
+# words, "pi**pe bo**mb"), and inline HTML that does the same.
+_MARKUP_CHARS = "*_`~^"
+_DELETE_MARKUP = str.maketrans("", "", _MARKUP_CHARS)
+_HTML_EMPHASIS = re.compile(r"</?(?:b|i|u|s|em|strong|del|ins|mark|code|kbd|sub|sup|tt)>")
 _LATIN_ACCENTS = re.compile("(?<=[a-z])[\u0300-\u036f]+")
 _HORIZONTAL_WHITESPACE = re.compile(r"[^\S\n]+")
 _LEET = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
@@ -500,6 +570,8 @@ def _fold_keep_lines(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
     text = _TAG_RUN.sub(_untag, text)
     text = _FORMAT_CHARS.sub("", text)
+    if _TWIN_CHAR.search(text):
+        text = _DISGUISED_WORD.sub(_unconfuse, text)
     text = text.casefold()
     text = unicodedata.normalize("NFKD", text)
     text = _LATIN_ACCENTS.sub("", text)
@@ -511,11 +583,27 @@ def _untag(match: re.Match[str]) -> str:
     return " " + "".join(chr(ord(c) - 0xE0000) for c in match.group()) + " "
 
 
+def _unconfuse(match: re.Match[str]) -> str:
+    return match.group().translate(_UNCONFUSE)
+
+
+def _unmark(text: str) -> str:
+    """Return `text` without Markdown emphasis and code marks (or inline HTML ones)."""
+    # A test for each mark costs less than one pass that deletes none.
+    if any(mark in text for mark in _MARKUP_CHARS):
+        text = text.translate(_DELETE_MARKUP)
+    if "==" in text:
+        text = text.replace("==", "")
+    if "<" in text:
+        text = _HTML_EMPHASIS.sub("", text)
+    return text
+
+
 def _fold_flat(text: str) -> str:
-    """Fold like _fold_keep_lines, with every whitespace run one space, stripped."""
+    """Fold like _fold_keep_lines, without markup, every whitespace run one space, stripped."""
     if text.isascii():
-        return " ".join(text.lower().split())
-    return " ".join(_fold_keep_lines(text).split())
+        return " ".join(_unmark(text.lower()).split())
+    return " ".join(_unmark(_fold_keep_lines(text)).split())
 
 
 def _squash(folded: str) -> str:
@@ -541,7 +629,8 @@ def fold_variants(text: str) -> tuple[str, str, str]:
     fold it the same way: the moderation finds the message's folds here.
     """
     lines = _fold_keep_lines(text)
-    folded = " ".join(lines.split())  # whitespace runs as one space: str.isspace is re's \s
+    # Whitespace runs as one space (str.isspace is re's \s), as _fold_flat does.
+    folded = " ".join(_unmark(lines).split())
     return lines, folded, _squash(folded)
 
 

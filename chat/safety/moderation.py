@@ -6,7 +6,9 @@ A `Moderator` turns text into a `Verdict` (flagged) or None. Two exist:
   (the hostile *shape*, e.g. "how to build a pipe bomb", not the topic) and
   word lists (weak hints that only flag together), matched on text folded the
   same way as the injection heuristics (NFKC, invisible characters removed,
-  casefolded, accents and leet undone).
+  look-alike letters of other scripts turned into Latin ones, Markdown
+  emphasis and code marks removed, casefolded, accents and leet undone:
+  chat/safety/injection.py).
 - `OpenAIModerator`, the `/moderations` endpoint of `OPENAI_BASE_URL`, when
   `CHAT_MODERATION_OPENAI` is on. It runs after the rules pass. When it
   cannot be reached the rules' answer stands (fail open to the rules, with a

@@ -193,15 +193,22 @@ def test_the_language_signals_prefilter_matches_when_a_signal_does():
     assert matched > 20  # the corpus does exercise the signals
 
 
-def test_the_flat_fold_is_the_fold_with_whitespace_runs_collapsed():
+def test_the_flat_fold_is_the_fold_without_markup_and_with_whitespace_runs_collapsed():
     odd_spaces = "a\u00a0b\u2003c\u3000d\x1ce\u200bf \t\n g\u2028h"
     for text in [
         *_texts(),
         odd_spaces,
         "  \uff26\uff55\uff4c\uff4c\u3000wide  ",
         "1gn0r3 @ll $t3ps",
+        "**bold** `code` pi__pe__ ~~struck~~ ==marked== <b>html</b> x^2",
+        "b\u043emb \u0440\u0456\u0440\u0435 \u0431\u043e\u043c\u0431\u0430",
     ]:
-        expected = re.sub(r"\s+", " ", injection._fold_keep_lines(text)).strip()
+        unmarked = re.sub(
+            r"[*_`~^]|==|</?(?:b|i|u|s|em|strong|del|ins|mark|code|kbd|sub|sup|tt)>",
+            "",
+            injection._fold_keep_lines(text),
+        )
+        expected = re.sub(r"\s+", " ", unmarked).strip()
         assert injection._fold_flat(text) == expected
         leet = _LEET_AS_WRITTEN.sub(lambda m: injection._LEET[m.group()], expected)
         assert injection._squash(expected) == _SPACED_AS_WRITTEN.sub(
