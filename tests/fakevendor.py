@@ -708,6 +708,8 @@ class FakeVendor:
             active = self._stats["active_streams"]
             self._stats = {"requests": 0, "disconnects": 0, "completed": 0}
             self._stats["active_streams"] = active  # live connections are still live
+            self.moderation_flags.clear()
+            self.moderation_inputs.clear()
 
     def _next_fault(self) -> Fault:
         with self._cond:

@@ -10,7 +10,9 @@ A `Moderator` turns text into a `Verdict` (flagged) or None. Two exist:
   emphasis and code marks removed, casefolded, accents and leet undone:
   chat/safety/injection.py).
 - `OpenAIModerator`, the `/moderations` endpoint of `OPENAI_BASE_URL`, when
-  `CHAT_MODERATION_OPENAI` is on. It runs after the rules pass. When it
+  `CHAT_MODERATION_OPENAI` is on. It runs after the rules pass. With
+  `CHAT_REDACT_VENDOR_TEXT` it sends typed placeholders (`[EMAIL]` …) in
+  place of personal data, as the model vendor gets. When it
   cannot be reached the rules' answer stands (fail open to the rules, with a
   warning), so a vendor outage does not stop every reply.
 
@@ -39,6 +41,7 @@ import httpx
 from django.conf import settings
 
 from chat.safety.injection import _fold_flat, _squash, fold_variants
+from chat.safety.pii import redact
 from chat.safety.regexes import shared_prefixes
 from chat.snapshots import from_settings
 
@@ -353,17 +356,45 @@ class RulesModerator:
         return self.check_now(text, stage=stage)
 
 
+# What redaction cannot recognise in an output window: the window may end
+# (or its context begin) inside an e-mail address or a number that the next
+# window completes, and a fragment ("4111 1111", "anna.k@exa") is personal
+# data too. Any word with an @ in it, and any number of three digits or more
+# (groups joined by spaces, dashes, dots, slashes or brackets), is replaced.
+# Ages ("a 12 year old") keep their digits: the vendor needs them to judge.
+_EMAIL_FRAGMENT = re.compile(r"[^\s\[\]]*@[^\s\[\]]*")
+_NUMBER_FRAGMENT = re.compile(r"\+?\d(?:[\d \-./()]*\d)?")
+
+
+def redact_for_moderation(text: str) -> str:
+    """Return `text` as a moderation vendor may see it: no personal data, whole or in part."""
+    text = redact(text)
+    if "@" in text:
+        text = _EMAIL_FRAGMENT.sub("[EMAIL]", text)
+    return _NUMBER_FRAGMENT.sub(_number_placeholder, text)
+
+
+def _number_placeholder(match: re.Match[str]) -> str:
+    number = match.group()
+    return "[NUMBER]" if sum(c.isdigit() for c in number) >= 3 else number
+
+
 class OpenAIModerator:
     """The OpenAI moderation endpoint (`POST {base_url}/moderations`)."""
 
-    def __init__(self, *, base_url: str, api_key: str, model: str, timeout: float) -> None:
+    def __init__(
+        self, *, base_url: str, api_key: str, model: str, timeout: float, redact: bool = False
+    ) -> None:
         self.url = base_url.rstrip("/") + "/moderations"
         self.api_key = api_key
         self.model = model
         self.timeout = timeout
+        self.redact = redact
 
     async def check(self, text: str, *, stage: str) -> Verdict | None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self.redact:
+            text = redact_for_moderation(text)
         try:
             async with httpx.AsyncClient(timeout=self.timeout) as client:
                 response = await client.post(
@@ -418,6 +449,7 @@ def moderator_from_settings() -> Moderator:
         api_key=getattr(settings, "OPENAI_API_KEY", "") or "",
         model=settings.CHAT_MODERATION_OPENAI_MODEL,
         timeout=settings.CHAT_MODERATION_OPENAI_TIMEOUT_S,
+        redact=settings.CHAT_REDACT_VENDOR_TEXT,
     )
     return ModeratorChain([rules, openai])
 

@@ -1,4 +1,4 @@
-"""With CHAT_REDACT_VENDOR_TEXT, personal data never reaches the model vendor."""
+"""With CHAT_REDACT_VENDOR_TEXT, personal data never reaches the model or moderation vendor."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from chat.safety.moderation import redact_for_moderation
 from tests.chat.callpath_support import *  # noqa: F403
 from tests.chat.callpath_support import ask, cookie_for, reload
-from tests.chat.helpers import recv_until_done
+from tests.chat.helpers import delta_text, recv_until_done
+from tests.fakevendor import Fault
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,3 +40,43 @@ async def test_by_default_the_vendor_sees_what_the_user_wrote(ws, make_user, wir
     await ask(comm, SECRET_TEXT)
     await recv_until_done(comm)
     assert "anna.k@example.com" in sent_to_vendor(wired)
+
+
+async def test_the_moderation_endpoint_sees_placeholders_when_redaction_is_on(
+    ws, make_user, wired, settings
+):
+    """The user's message and every output window go to /moderations redacted."""
+    settings.CHAT_REDACT_VENDOR_TEXT = True
+    settings.CHAT_MODERATION_OPENAI = True
+    # The reply repeats the personal data, so the output windows hold it too.
+    wired.script([Fault.ok(text=f"Noted. {SECRET_TEXT}. Anything else?")])
+    comm = await ws(await cookie_for(make_user))
+    await ask(comm, SECRET_TEXT)
+    frames = await recv_until_done(comm)
+    assert frames[-1]["finish_reason"] == "stop"
+    # The user still sees the reply as the model wrote it.
+    assert "anna.k@example.com" in delta_text(frames)
+    inputs = wired.moderation_inputs
+    assert len(inputs) >= 2  # the message, then the reply's windows
+    sent = json.dumps(inputs)
+    # Not even a piece of one: a window may end inside an address or a number.
+    for piece in ("anna", "@exa", "7946", "4111", "1111", "0958"):
+        assert piece not in sent, inputs
+    assert inputs[0] == "Email [EMAIL] or call [PHONE] about card [CARD]"
+    assert any("[EMAIL]" in text for text in inputs[1:])
+
+
+async def test_by_default_the_moderation_endpoint_sees_the_text(ws, make_user, wired, settings):
+    settings.CHAT_MODERATION_OPENAI = True
+    comm = await ws(await cookie_for(make_user))
+    await ask(comm, SECRET_TEXT)
+    await recv_until_done(comm)
+    assert wired.moderation_inputs[0] == SECRET_TEXT
+
+
+def test_redaction_for_moderation_leaves_no_fragment_and_keeps_ages():
+    assert redact_for_moderation("call +44 20") == "call [NUMBER]"
+    assert redact_for_moderation("card 4111 1111") == "card [NUMBER]"
+    assert redact_for_moderation("write to anna.k@exa") == "write to [EMAIL]"
+    assert redact_for_moderation("a 12 year old, 3 kids") == "a 12 year old, 3 kids"
+    assert redact_for_moderation("Email anna.k@example.com now") == "Email [EMAIL] now"
