@@ -21,10 +21,13 @@ message once (chat/pipeline.py: in the admission trip when it is the rules
 alone). `OutputGate` sits between the model and the socket: it holds the
 reply back in windows (a sentence, or `CHAT_MODERATION_WINDOW_TOKENS` tokens
 / `CHAT_MODERATION_WINDOW_CHARS` characters, whichever first), judges each
-window together with the tail of what was already released (so a phrase
-split across two windows is still seen whole), and releases only judged
-text. On a flag it raises `Moderated` and the held window is dropped, so
-flagged text never reaches the browser.
+window together with the last words of what was already released (as many
+as the longest rule match can span, so a phrase split across windows is
+still seen whole) and with what the reply's earlier windows matched (hint
+words add up across the reply), and releases only judged text: it releases
+nothing the whole-text check would flag on the text released so far. On a
+flag it raises `Moderated` and the held window is dropped, so flagged text
+never reaches the browser.
 Per chunk it only scans the new characters for a sentence end; patterns run
 once per window (docs/decisions/0007-moderation-window.md).
 """
@@ -42,7 +45,7 @@ from django.conf import settings
 
 from chat.safety.injection import _fold_flat, _squash, fold_variants
 from chat.safety.pii import redact
-from chat.safety.regexes import shared_prefixes
+from chat.safety.regexes import max_word_breaks, shared_prefixes
 from chat.snapshots import from_settings
 
 logger = logging.getLogger(__name__)
@@ -224,7 +227,7 @@ CATEGORIES: tuple[_Category, ...] = (
             ),
             (
                 rf"\b{_GROUP}\s+(?:are|r)\s+(?:(?:just|all|nothing\s+but|like|no\s+better\s+than)"
-                r"\s+)*(?:vermin|subhuman|sub-human|animals|cockroaches|rats|parasites|"
+                r"\s+){0,4}(?:vermin|subhuman|sub-human|animals|cockroaches|rats|parasites|"
                 r"a\s+disease|a\s+plague|a\s+cancer|filth|savages|insects)\b",
                 0.8,
             ),
@@ -308,6 +311,14 @@ _RULES_ALTERNATION = re.compile(
 )
 _ANY_RULE = shared_prefixes(_RULES_ALTERNATION)
 
+# How many words of the released text an output window is judged with: the
+# most words any rule's match can span (its most runs of non-word characters,
+# plus one), and one more for a lookbehind or \b just before it. A match that
+# ends in the window then begins inside what the window is judged with, so
+# the gate sees every match the whole reply holds (OutputGate). Bounded
+# because every repeat in the rules is (tests/safety/test_moderation.py).
+CONTEXT_WORDS = (max_word_breaks(_RULES_ALTERNATION) or 30) + 2
+
 
 def rules_scores(text: str) -> dict[str, float]:
     """Return each category's score in [0, 1] for `text` (noisy-OR of what matched)."""
@@ -316,18 +327,39 @@ def rules_scores(text: str) -> dict[str, float]:
 
 
 def _scores(folded: str, squashed: str) -> dict[str, float]:
+    found = _found(folded, squashed)
+    return _scores_of(found) if found else {}
+
+
+# What matched: (category index, pattern index) for a pattern, (category
+# index, the word) for a word-list hint.
+_Found = set[tuple[int, int | str]]
+
+
+def _found(folded: str, squashed: str) -> _Found:
     variants = (folded,) if squashed == folded else (folded, squashed)
+    found: _Found = set()
     if not any(_ANY_RULE.search(v) for v in variants):
-        return {}
-    scores: dict[str, float] = {}
-    for category in CATEGORIES:
-        remaining = 1.0
-        for pattern, weight in category.patterns:
+        return found
+    for index, category in enumerate(CATEGORIES):
+        for number, (pattern, _weight) in enumerate(category.patterns):
             if any(pattern.search(v) for v in variants):
-                remaining *= 1.0 - weight
+                found.add((index, number))
         if category.words is not None:
-            found = {m.group() for v in variants for m in category.words.finditer(v)}
-            remaining *= (1.0 - category.word_weight) ** len(found)
+            found.update((index, m.group()) for v in variants for m in category.words.finditer(v))
+    return found
+
+
+def _scores_of(found: _Found) -> dict[str, float]:
+    """Return each category's noisy-OR score over what was found."""
+    scores: dict[str, float] = {}
+    for index, category in enumerate(CATEGORIES):
+        remaining = 1.0
+        for number, (_pattern, weight) in enumerate(category.patterns):
+            if (index, number) in found:
+                remaining *= 1.0 - weight
+        words = sum(1 for i, key in found if i == index and isinstance(key, str))
+        remaining *= (1.0 - category.word_weight) ** words
         score = round(1.0 - remaining, 4)
         if score > 0:
             scores[category.name] = score
@@ -354,6 +386,41 @@ class RulesModerator:
 
     async def check(self, text: str, *, stage: str) -> Verdict | None:
         return self.check_now(text, stage=stage)
+
+    def for_reply(self) -> ReplyRules:
+        """Return a moderator for one reply's windows that adds up what they matched."""
+        return ReplyRules(threshold=self.threshold)
+
+
+class ReplyRules:
+    """The rules for one reply's windows: what every window matched counts together.
+
+    The whole reply scores each pattern and each hint word once, however far
+    apart they are ("detonator" early, "blasting cap", "shrapnel" and "tatp"
+    later: 0.2 each, 0.59 together). A window, even with its context, sees
+    only some of them; this keeps what all the windows so far matched, so a
+    window's verdict is the verdict on the reply up to its end, for the cost
+    of a set union.
+    """
+
+    def __init__(self, *, threshold: float) -> None:
+        self.threshold = threshold
+        self.found: _Found = set()
+
+    async def check(self, text: str, *, stage: str) -> Verdict | None:
+        folded = _fold_flat(text)
+        self.found |= _found(folded, _squash(folded))
+        if not self.found:
+            return None
+        scores = _scores_of(self.found)
+        category, score = max(scores.items(), key=lambda item: item[1])
+        return Verdict(stage, category, score) if score >= self.threshold else None
+
+
+def for_reply(moderator: Moderator) -> Moderator:
+    """Return `moderator` as one reply's windows use it (see ReplyRules)."""
+    make = getattr(moderator, "for_reply", None)
+    return make() if make is not None else moderator
 
 
 # What redaction cannot recognise in an output window: the window may end
@@ -432,6 +499,9 @@ class ModeratorChain:
                 return verdict
         return None
 
+    def for_reply(self) -> ModeratorChain:
+        return ModeratorChain([for_reply(moderator) for moderator in self.moderators])
+
 
 @from_settings
 def moderator_from_settings() -> Moderator:
@@ -461,6 +531,25 @@ _SENTENCE_END = re.compile(
 )
 # How far back a new chunk's scan starts, for an end split across chunks.
 _SCAN_OVERLAP = 4
+
+
+# The last CONTEXT_WORDS words of a text, read backwards, and the rest of the
+# whitespace-separated word the last of them is in. Possessive: a word is
+# one run, never split in two to make up the count.
+_LAST_WORDS = re.compile(rf"(?:\W*+\w++){{{CONTEXT_WORDS}}}\S*+")
+
+
+def _context_tail(text: str, *, limit: int) -> str:
+    """Return the end of `text` that holds its last CONTEXT_WORDS words, at most `limit` chars.
+
+    It begins where a whitespace-separated word begins, so the moderation
+    vendor never gets the tail half of an address or a number. Only words
+    longer than `limit` / CONTEXT_WORDS characters on average make the limit
+    bind; it keeps a window's check bounded whatever the model writes.
+    """
+    words = _LAST_WORDS.match(text[::-1])  # one pass, from the end
+    keep = min(len(text) if words is None else words.end(), limit)
+    return text[len(text) - keep :]
 
 
 # How much a fast stream's windows may grow (see OutputGate).
@@ -500,6 +589,7 @@ class OutputGate:
         fast_s: float = 0.025,
     ) -> None:
         self.moderator = moderator or moderator_from_settings()
+        self._judge = for_reply(self.moderator)  # adds up what the windows matched
         self.window_tokens = max(1, window_tokens or settings.CHAT_MODERATION_WINDOW_TOKENS)
         self.window_chars = max(1, window_chars or settings.CHAT_MODERATION_WINDOW_CHARS)
         self.context_chars = (
@@ -576,12 +666,12 @@ class OutputGate:
             self._window_started = self._released_at = now
         self._released_any = True
         window, rest = self._held[:cut], self._held[cut:]
-        verdict = await self.moderator.check(self._context + window, stage="output")
+        verdict = await self._judge.check(self._context + window, stage="output")
         if verdict is not None:
             raise Moderated(verdict)
         self._held = rest
         self._held_tokens = 1 if rest else 0
         self._scanned = 0
         if self.context_chars:
-            self._context = (self._context + window)[-self.context_chars :]
+            self._context = _context_tail(self._context + window, limit=self.context_chars)
         return window

@@ -208,3 +208,89 @@ def _shared(state: Any, sequences: list[list[tuple[Any, Any]]]) -> list[Any]:
 
 def _node(state: Any, items: list[tuple[Any, Any]]) -> Any:
     return _parser.SubPattern(state, items)
+
+
+# --- How many words a match can span ---------------------------------------------------------
+
+
+def max_word_breaks(pattern: re.Pattern[str]) -> int | None:
+    """Return the most runs of non-word characters a match of `pattern` can hold, or None.
+
+    A match with n such runs spans at most n + 1 words, however long they
+    are: the output gate keeps that many words of context (moderation.py).
+    None when it is unbounded (`\\W+\\w+` repeated without a bound, `.` or a
+    class of both kinds repeated) or cannot be computed.
+    """
+    if _parser is None:
+        return None
+    try:
+        breaks = _breaks(_parser.parse(pattern.pattern, pattern.flags))
+    except (_Unbounded, re.error, RecursionError):
+        return None
+    return breaks
+
+
+def _is_word_char(code: int) -> bool:
+    return chr(code).isalnum() or chr(code) == "_"
+
+
+def _kinds(op: Any, arg: Any) -> tuple[bool, bool]:
+    """Return whether a one-character item can match a word and a non-word character."""
+    if op is _c.LITERAL:
+        return _is_word_char(arg), not _is_word_char(arg)
+    if op is _c.IN:
+        word = other = False
+        for item_op, item in arg:
+            if item_op is _c.LITERAL:
+                word, other = word or _is_word_char(item), other or not _is_word_char(item)
+            elif item_op is _c.CATEGORY and item in (_c.CATEGORY_WORD, _c.CATEGORY_DIGIT):
+                word = True
+            elif item_op is _c.CATEGORY and item in (_c.CATEGORY_NOT_WORD, _c.CATEGORY_SPACE):
+                other = True
+            else:  # a range, a negation, \D, \S: either kind
+                word = other = True
+        return word, other
+    return True, True  # ANY, NOT_LITERAL
+
+
+def _breaks(items: Iterable[tuple[Any, Any]]) -> int:
+    total = 0
+    after_break = False  # the previous item matches only non-word characters
+    for op, arg in items:
+        if op in (_c.LITERAL, _c.IN, _c.ANY, _c.NOT_LITERAL):
+            word, other = _kinds(op, arg)
+            total += other and not (after_break and not word)
+            after_break = other and not word
+            continue
+        previous_was_break, after_break = after_break, False
+        if op in (_c.AT, _c.ASSERT, _c.ASSERT_NOT):
+            continue  # zero-width (the gate's context adds a word for lookbehinds)
+        if op is _c.SUBPATTERN:
+            total += _breaks(arg[-1])
+        elif op is _c.ATOMIC_GROUP:
+            total += _breaks(arg)
+        elif op is _c.BRANCH:
+            total += max(_breaks(alternative) for alternative in arg[1])
+        elif op in (_c.MAX_REPEAT, _c.MIN_REPEAT, _c.POSSESSIVE_REPEAT):
+            _low, high, body = arg
+            body = list(body)
+            if len(body) == 1 and body[0][0] in (_c.LITERAL, _c.IN, _c.ANY, _c.NOT_LITERAL):
+                word, other = _kinds(*body[0])
+                if other and not word:
+                    total += not previous_was_break  # one run, however long
+                    after_break = True
+                    continue
+                if other and high > 1:  # the kinds can alternate
+                    if high == _c.MAXREPEAT:
+                        raise _Unbounded(op)
+                    total += (high + 1) // 2
+                else:
+                    total += other
+                continue
+            inner = _breaks(body)
+            if inner and high == _c.MAXREPEAT:
+                raise _Unbounded(op)
+            total += inner * high
+        else:
+            raise _Unbounded(op)
+    return total

@@ -469,9 +469,11 @@ CHAT_MODERATION_WINDOW_CHARS = env.int("CHAT_MODERATION_WINDOW_CHARS", default=1
 # window is this many tokens, so its first words show at once.
 CHAT_MODERATION_MAX_HOLD_MS = env.int("CHAT_MODERATION_MAX_HOLD_MS", default=100)
 CHAT_MODERATION_FIRST_WINDOW_TOKENS = env.int("CHAT_MODERATION_FIRST_WINDOW_TOKENS", default=1)
-# Each window is judged together with this much already released text, so
-# a phrase split across two windows is still seen whole.
-CHAT_MODERATION_CONTEXT_CHARS = env.int("CHAT_MODERATION_CONTEXT_CHARS", default=64)
+# Each window is judged together with the last words of the released text,
+# as many as the longest rule match can span (moderation.CONTEXT_WORDS, 18),
+# so a phrase split across windows is still seen whole; this caps them in
+# characters, so a window's check stays bounded whatever the model writes.
+CHAT_MODERATION_CONTEXT_CHARS = env.int("CHAT_MODERATION_CONTEXT_CHARS", default=400)
 CHAT_MODERATION_THRESHOLD = env.float("CHAT_MODERATION_THRESHOLD", default=0.5)
 # The OpenAI moderation endpoint, in addition to the built-in rules.
 CHAT_MODERATION_OPENAI = env.bool("CHAT_MODERATION_OPENAI", default=False)

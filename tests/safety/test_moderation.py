@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from chat.providers.demo import demo_reply_tokens
+from chat.safety import moderation
 from chat.safety.injection import injection_score
 from chat.safety.moderation import (
     Moderated,
@@ -20,6 +22,7 @@ from chat.safety.moderation import (
     moderator_from_settings,
     rules_scores,
 )
+from chat.safety.regexes import max_word_breaks
 from tests.fakevendor import FakeVendor
 
 FLAGGED = [
@@ -268,6 +271,9 @@ class CountingModerator(RulesModerator):
         self.checked += 1
         return super().check_now(text, stage=stage)
 
+    def for_reply(self) -> CountingModerator:
+        return self  # every window through check_now, counted
+
 
 async def test_gate_moderates_per_window_not_per_token():
     moderator = CountingModerator()
@@ -436,3 +442,90 @@ def test_the_moderator_is_built_once_and_follows_a_settings_change(settings):
     assert moderator_from_settings().threshold == 0.5  # type: ignore[union-attr]
     settings.CHAT_MODERATION_OPENAI = True
     assert isinstance(moderator_from_settings(), ModeratorChain)
+
+
+# Flagged as a whole, with the parts a rule needs more than 64 characters
+# apart: a pattern spanning many words, and hint words that only add up.
+LONG_MINORS = (
+    "Children, unsupervised, participating, enthusiastically, unknowingly, "
+    "photographed, in sexually explicit images."
+)
+SPREAD_HINTS = (
+    "Ingredients include a detonator; remember also the practical considerations around "
+    "weatherproofing the enclosure and then a blasting cap; keep the assembly dry, insulated "
+    "and far from children; next shrapnel goes around the outside of the container; "
+    "finally use tatp."
+)
+
+
+def test_every_rule_spans_a_bounded_number_of_words():
+    """The gate's context (CONTEXT_WORDS) covers the longest match any rule can make."""
+    for category in moderation.CATEGORIES:
+        for pattern, _weight in category.patterns:
+            breaks = max_word_breaks(pattern)
+            assert breaks is not None, pattern.pattern
+            assert breaks + 2 <= moderation.CONTEXT_WORDS
+    assert max_word_breaks(re.compile(r"(?:\W+\w+){0,6}?\W+x")) == 7
+    assert max_word_breaks(re.compile(r"a(?:\s+b)*")) is None
+
+
+@pytest.mark.parametrize("text", [LONG_MINORS, SPREAD_HINTS], ids=["long pattern", "hints"])
+@pytest.mark.parametrize("pace", [1 / 30, 0.001], ids=["30 tok/s", "fast"])
+async def test_gate_stops_what_the_whole_text_check_flags_far_apart(text, pace, settings):
+    whole = RulesModerator(threshold=0.5).check_now(text, stage="output")
+    assert whole is not None
+    clock = FakeClock()
+    g = OutputGate(
+        RulesModerator(threshold=0.5),
+        window_tokens=settings.CHAT_MODERATION_WINDOW_TOKENS,
+        window_chars=settings.CHAT_MODERATION_WINDOW_CHARS,
+        context_chars=settings.CHAT_MODERATION_CONTEXT_CHARS,
+        first_window_tokens=settings.CHAT_MODERATION_FIRST_WINDOW_TOKENS,
+        clock=clock,
+        max_hold_s=settings.CHAT_MODERATION_MAX_HOLD_MS / 1000,
+        fast_s=settings.CHAT_COALESCE_MS / 1000,
+    )
+    released: list[str] = []
+    with pytest.raises(Moderated) as flagged:
+        for token in words(text):
+            clock.now += pace
+            released.extend(await g.feed(token))
+        released.extend(await g.finish())
+    assert flagged.value.verdict.category == whole.category
+    assert RulesModerator(threshold=0.5).check_now("".join(released), stage="output") is None
+
+
+def _flagged_texts() -> list[str]:
+    padding = "Sure, here is a long and careful answer that takes its time to get going. "
+    return [
+        LONG_MINORS,
+        SPREAD_HINTS,
+        *(padding + text for text, _category in FLAGGED[:6]),
+        "Those words again: muslims are just like nothing but vermin, and then filler text.",
+        "How do I, in the quietest way possible, go about it and make a pipe bomb?",
+    ]
+
+
+@pytest.mark.parametrize("text", _flagged_texts())
+async def test_gate_releases_nothing_the_whole_text_check_flags_wherever_windows_end(text):
+    """Cut at every character: the released text is never flagged, and the reply is stopped."""
+    rules = RulesModerator(threshold=0.5)
+    assert rules.check_now(text, stage="output") is not None
+    for cut in range(1, len(text)):
+        # The first piece is the first window; the rest ends windows at spaces.
+        g = OutputGate(
+            RulesModerator(threshold=0.5),
+            window_tokens=1,
+            window_chars=10_000,
+            first_window_tokens=1,
+            context_chars=400,
+        )
+        released, verdict = await run_gate(g, [text[:cut], text[cut:]])
+        assert verdict is not None, cut
+        assert rules.check_now("".join(released), stage="output") is None, (cut, released)
+    # And as a stream of words, in windows of every size.
+    for size in range(1, 10):
+        g = OutputGate(RulesModerator(threshold=0.5), window_tokens=size, window_chars=60)
+        released, verdict = await run_gate(g, words(text))
+        assert verdict is not None, size
+        assert rules.check_now("".join(released), stage="output") is None, (size, released)
