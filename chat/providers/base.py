@@ -109,12 +109,23 @@ def estimate_tokens(chars: int) -> int:
     return math.ceil(chars / 4)
 
 
+# The longest wait a vendor's answer is taken to ask for: users are told when
+# to try again, and a date decades ahead (a vendor's or a proxy's mistake)
+# must not become "try again in 2,299,592,856 seconds".
+RETRY_AFTER_MAX_S = 3600.0
+
+
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Return the delay a response asks for, in seconds, or None.
+    """Return the delay a response asks for, in seconds (at most an hour), or None.
 
     Reads OpenAI's `retry-after-ms`, then `retry-after` as seconds (floats
     accepted) or as an HTTP date.
     """
+    seconds = _retry_after(headers)
+    return None if seconds is None else min(seconds, RETRY_AFTER_MAX_S)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     millis = headers.get("retry-after-ms")
     if millis:
         try:

@@ -367,6 +367,19 @@ async def test_rate_limit_beyond_the_cap_falls_back_to_the_next_model(
     ]
 
 
+@pytest.mark.parametrize("retry_after", ["Fri, 31 Dec 2099 23:59:59 GMT", "1e12"])
+async def test_a_vendor_asking_to_wait_for_ages_is_told_as_an_hour(
+    ws, make_user, wired, clock, retry_after
+):
+    wired.script([Fault.rate_limited(retry_after=retry_after)])
+    comm = await ws(await cookie_for(make_user))
+    await ask(comm)
+    frames = await recv_until_done(comm)
+    [error] = [f for f in frames if f["type"] == "chat.error"]
+    assert error["code"] == "unavailable" and error["retry_after"] == 3600
+    assert clock.sleeps == []  # far past the longest wait worth retrying after
+
+
 async def test_content_policy_refusal_falls_back(ws, make_user, wired, settings):
     settings.CHAT_FALLBACK_MODELS = [FALLBACK]
     wired.script([Fault.content_policy()])
