@@ -6,7 +6,6 @@ import re
 
 import pytest
 from django.contrib import admin
-from django.test import Client
 from django.urls import NoReverseMatch, reverse
 
 from chat.owners import Owner
@@ -17,13 +16,6 @@ from tests.feedback.test_versions import add_version
 pytestmark = pytest.mark.django_db
 
 INLINE_STYLE = re.compile(r"<[^>]*\sstyle\s*=|<style[\s>]", re.IGNORECASE)
-
-
-@pytest.fixture
-def staff_client(make_user) -> Client:
-    client = Client()
-    client.force_login(make_user("staffer", staff=True))
-    return client
 
 
 @pytest.fixture

@@ -33,13 +33,6 @@ def rate(user: Any, reply: Message, rating: int, reasons: list[str], comment: st
 
 
 @pytest.fixture
-def staff_client(make_user) -> Client:
-    client = Client()
-    client.force_login(make_user("staffer", staff=True))
-    return client
-
-
-@pytest.fixture
 def story(make_user) -> dict[str, Any]:
     """Alice's two-turn conversation whose second reply she rated down with a comment."""
     alice = make_user("alice")

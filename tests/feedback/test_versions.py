@@ -31,13 +31,6 @@ def add_version(client: Client, **fields: object) -> None:
     assert response.status_code == 302, response.content.decode()[:3000]
 
 
-@pytest.fixture
-def staff_client(make_user) -> Client:
-    client = Client()
-    client.force_login(make_user("staffer", staff=True))
-    return client
-
-
 @pytest.mark.django_db
 def test_without_versions_replies_use_settings(settings):
     settings.CHAT_MODEL = "demo:from-settings"

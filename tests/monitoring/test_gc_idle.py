@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from config import gc_idle
+from tests.monitoring.helpers import asgi_get
 
 
 class Clocks:
@@ -131,39 +132,9 @@ def test_the_collection_itself_does_not_count_as_work(collector):
 
 
 async def test_the_application_starts_one_collector_per_loop():
-    from config.asgi import application
-
     loop = asyncio.get_running_loop()
     before = len(gc_idle._running)
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/health/live",
-        "headers": [(b"host", b"testserver")],
-    }
-    sent: list[dict[str, object]] = []
-
-    async def request() -> None:
-        answered = asyncio.Event()
-        asked = False
-
-        async def receive() -> dict[str, object]:
-            nonlocal asked
-            if not asked:
-                asked = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await answered.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, object]) -> None:
-            sent.append(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                answered.set()
-
-        await application(scope, receive, send)
-
-    for _ in range(2):
-        await asyncio.wait_for(request(), timeout=10)
+    sent = [*await asgi_get("/health/live"), *await asgi_get("/health/live")]
     assert loop in gc_idle._running
     assert len(gc_idle._running) == before + 1
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200, 200]

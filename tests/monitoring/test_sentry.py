@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import logging
@@ -20,6 +19,7 @@ from asgiref.sync import async_to_sync
 
 from monitoring.sentry import capture_exception, capture_message, init_sentry
 from tests.conftest import session_cookie_for
+from tests.monitoring.helpers import asgi_get
 
 SECRET_TEXT = "my grandmother's secret lasagne recipe"
 EMAIL = "alice.jones@example.com"
@@ -146,44 +146,7 @@ def _asgi_get(path: str, *, query: str, headers: list[tuple[bytes, bytes]]) -> i
     Not through Django's test client: that skips the SDK's ASGI middleware,
     which is what puts the query string into the event.
     """
-    from config.asgi import application
-
-    sent: list[dict[str, Any]] = []
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": [(b"host", b"testserver"), *headers],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-
-    async def request() -> None:
-        answered = asyncio.Event()
-        asked = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal asked
-            if not asked:
-                asked = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await answered.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                answered.set()
-
-        await asyncio.wait_for(application(scope, receive, send), timeout=10)
-
-    async_to_sync(request)()
+    sent = async_to_sync(asgi_get)(path, query=query, headers=headers)
     (start,) = [m for m in sent if m["type"] == "http.response.start"]
     return int(start["status"])
 
