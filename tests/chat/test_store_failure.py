@@ -86,16 +86,28 @@ async def test_a_reply_that_is_never_stored_is_said_and_reaped_with_its_text(
     assert [repr(e) for e in reported] == ["ReplyNotStored('OperationalError')"]
 
     if django_settings.REDIS_URL:  # the replay stream outlives a reply by minutes only
-        import redis
-
-        client = redis.Redis.from_url(django_settings.REDIS_URL)
-        try:
-            assert client.delete(f"chat:replay:{accepted['message']}") == 1
-        finally:
-            client.close()
+        await _expire_replay_stream(accepted["message"])
     settings.MONITORING_REAP_AFTER_S = 0
     await database_sync_to_async(tasks.replies_reap.apply)()
     reply = await reload(accepted["message"])
     assert reply.status == Message.Status.FINISHED
     assert (reply.finish_reason, reply.error_code) == ("error", "unavailable")
     assert reply.content == shown
+
+
+async def _expire_replay_stream(reply_id: int) -> None:
+    """Delete the reply's replay stream once its end is written, as its TTL would."""
+    import redis.asyncio as aioredis
+
+    key = f"chat:replay:{reply_id}"
+    client = aioredis.from_url(django_settings.REDIS_URL)
+    try:
+        last, ended = "0-0", False
+        while not ended:  # the flusher writes it every CHAT_REPLAY_FLUSH_MS
+            batches = await client.xread({key: last}, block=10_000)
+            assert batches, "the reply's stream never got its end"
+            for entry_id, fields in batches[0][1]:
+                last, ended = entry_id, ended or b"done" in fields
+        assert await client.delete(key) == 1
+    finally:
+        await client.aclose()
