@@ -66,7 +66,10 @@ def server_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
 started_servers: list[subprocess.Popen[str]] = []
 
 
-def start_server(data_dir: Path, **extra: str) -> RunningServer:
+def start_server(
+    data_dir: Path, *, ready: tuple[str, ...] = ("Uvicorn running on",), **extra: str
+) -> RunningServer:
+    """Start `make run`; return once its output has said each of `ready`."""
     port = free_port()
     process = subprocess.Popen(
         ["make", "--no-print-directory", "run"],
@@ -90,7 +93,8 @@ def start_server(data_dir: Path, **extra: str) -> RunningServer:
 
     threading.Thread(target=pump, daemon=True).start()
     # Wait for the server's own word that it listens, not for a fixed time.
-    while True:
+    waiting = set(ready)
+    while waiting:
         try:
             line = lines.get(timeout=START_TIMEOUT)
         except queue.Empty:
@@ -99,8 +103,7 @@ def start_server(data_dir: Path, **extra: str) -> RunningServer:
         if line is None:
             stop_server(process)
             raise RuntimeError("server exited:\n" + "".join(output))
-        if "Uvicorn running on" in line:
-            break
+        waiting = {marker for marker in waiting if marker not in line}
     return RunningServer(
         url=f"http://127.0.0.1:{port}",
         host="127.0.0.1",
