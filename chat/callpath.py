@@ -98,6 +98,12 @@ class _NextModel(Exception):
         self.error = error
 
 
+# What answered when every model failed and an earlier answer was given:
+# the call path's entry and the reply's metrics label (never a model name,
+# which always holds a colon).
+LAST_RESORT = "cache"
+
+
 class _Ended(Exception):
     """The reply failed after text reached the user: no retry, no fallback."""
 
@@ -181,7 +187,7 @@ async def call_model(
     if cached_answer is not None:
         text = await cached_answer()
         if text:
-            path.append({"model": "cache", "outcome": "ok"})
+            path.append({"model": LAST_RESORT, "outcome": "ok"})
             yield text
             yield CallOutcome(model=plan.model, usage=None, path=path, fallback=True, cached=True)
             return

@@ -33,7 +33,7 @@ from django.utils import timezone
 
 from chat import response_cache, selectors, semantic_cache, services
 from chat.batching import Batched, Call, Outcome
-from chat.callpath import CallOutcome, call_model, estimated_usage
+from chat.callpath import LAST_RESORT, CallOutcome, call_model, estimated_usage
 from chat.errors import BlockedInput, ChatError, Forbidden, Internal, InvalidInput
 from chat.models import Message
 from chat.owners import Owner
@@ -853,7 +853,9 @@ async def _store(
         cost = Decimal("0")
     else:
         metrics.reply_observed(
-            model=model,
+            # An earlier answer given when every model failed is counted as
+            # the cache's, not as the failed primary's success.
+            model=LAST_RESORT if outcome is not None and outcome.cached else model,
             outcome=result.finish_reason,
             ttft_s=None if ttft_ms is None else ttft_ms / 1000,
             duration_s=latency_ms / 1000,

@@ -120,6 +120,9 @@ CACHE_RESULTS = frozenset({"hit", "semantic_hit", "miss", "error", "skip", "bypa
 # Models nobody configured (a staff-made version, a fallback) get a few
 # label values each process before collapsing into "other".
 _EXTRA_MODELS_MAX = 16
+# The label of replies answered from the last-resort cache (chat.callpath
+# .LAST_RESORT; not imported, so the metrics load without the chat app).
+_LAST_RESORT = "cache"
 _SAFE_LABEL = re.compile(r"^[A-Za-z0-9_.:/@-]{1,80}$")
 _FREE_LABEL_MAX = 32
 _PROCESS_SAMPLE_EVERY_S = 10.0
@@ -146,7 +149,7 @@ def _models_configured() -> frozenset[str]:
 
 def model_label(model: str) -> str:
     """Return `model` if it may be a label value, else "other" (bounded per process)."""
-    if model in _models_configured() or model in _extra_models:
+    if model in _models_configured() or model in _extra_models or model == _LAST_RESORT:
         return model
     if not _SAFE_LABEL.match(model or ""):
         return "other"

@@ -113,3 +113,41 @@ async def test_a_fallback_answer_is_not_cached_for_the_primary(
     other = await ws(await user_cookie(make_user, "bob"))
     _, again = await ask(other, "Who answers?")
     assert again[-1]["cached"] is False and again[-1]["model"] == "demo:demo"
+
+
+async def test_when_every_model_fails_an_earlier_answer_is_given_and_counted_as_the_caches(
+    ws, make_user, settings, unused_tcp_port
+):
+    from tests.monitoring.helpers import TOKEN, scrape, value
+
+    settings.METRICS_TOKEN = TOKEN
+    alice = await ws(await user_cookie(make_user, "alice"))
+    _, first = await ask(alice, "What does a bulkhead do?")
+    assert first[-1]["finish_reason"] == "stop" and first[-1]["cached"] is False
+
+    settings.CHAT_MODEL = "openai:unreachable"
+    settings.OPENAI_BASE_URL = f"http://127.0.0.1:{unused_tcp_port}/v1"  # nothing listens
+    settings.CHAT_RETRY_MAX_ATTEMPTS = 1
+    settings.CHAT_FALLBACK_MODELS = []
+    before = await database_sync_to_async(scrape)()
+    bob = await ws(await user_cookie(make_user, "bob"))
+    accepted, frames = await ask(bob, "what does a  bulkhead do?")
+    after = await database_sync_to_async(scrape)()
+
+    done = frames[-1]
+    assert (done["finish_reason"], done["cached"], done["cost_usd"]) == ("stop", True, 0.0)
+    assert delta_text(frames) == delta_text(first)
+    reply = await reload(accepted["message"])
+    assert [(e["model"], e["outcome"]) for e in reply.call_path] == [
+        ("openai:unreachable", "connect"),
+        ("cache", "ok"),
+    ]
+
+    def counted(model: str) -> float:
+        return value(after, "ai_requests_total", model=model, outcome="stop") - value(
+            before, "ai_requests_total", model=model, outcome="stop"
+        )
+
+    # Dashboards must not show the failed model as answering.
+    assert counted("cache") == 1
+    assert counted("openai:unreachable") == 0
