@@ -136,6 +136,9 @@ class Fault:
     malformed_after: int | None = None  # an SSE data line that is not JSON
     wrong_schema_after: int | None = None  # valid JSON, wrong shape
     stream_error_after: int | None = None  # the vendor's in-stream error event, then the end
+    # That event's data (JSON-able) instead of the vendor's own; the Anthropic event keeps
+    # its `event: error` line.
+    error_event: Any = None
     truncate_after: int | None = None  # end the body cleanly, without the closing events
     empty: bool = False  # 200 SSE with no events (OpenAI: only [DONE])
     not_json: bool = False  # 200 text/html body
@@ -562,6 +565,7 @@ _REASONS = {
     409: "Conflict",
     413: "Payload Too Large",
     422: "Unprocessable Entity",
+    424: "Failed Dependency",
     429: "Too Many Requests",
     500: "Internal Server Error",
     502: "Bad Gateway",
@@ -1054,7 +1058,10 @@ class FakeVendor:
             if fault.wrong_schema_after == i:
                 add(plan.wrong_schema)
             if fault.stream_error_after == i:
-                add(plan.error_event)
+                if fault.error_event is None:
+                    add(plan.error_event)
+                else:
+                    add(_sse(fault.error_event, None if is_openai else "error"))
                 cut = True
                 break
             if fault.truncate_after == i:

@@ -27,6 +27,7 @@ from chat.providers.base import (
     estimate_tokens,
     kind_for_status,
     parse_retry_after,
+    says_out_of_memory,
 )
 
 __all__ = ["AnthropicProvider"]
@@ -307,6 +308,8 @@ def _from_status_error(exc: anthropic.APIStatusError) -> ProviderError:
         kind = "context_length"
     elif client_error and any(h in text for h in _POLICY_HINTS):
         kind = "content_policy"
+    elif client_error and says_out_of_memory(text):
+        kind = "server"
     elif status is None:
         kind = _ERROR_TYPES.get(err_type, "server")
     else:

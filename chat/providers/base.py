@@ -104,6 +104,27 @@ def kind_for_status(status: int) -> str:
     return "bad_request"
 
 
+# How model servers say they ran out of memory (CUDA, Metal, system RAM). That
+# is the server's trouble, not the request's, whatever status comes with it:
+# text-generation-inference reports it as a 424, vLLM sends every in-stream
+# error as a 400 "BadRequestError", and llama.cpp-based servers may call it an
+# invalid request. It is retried and counted against the model like a 5xx.
+_OUT_OF_MEMORY_HINTS = (
+    "out of memory",
+    "outofmemory",  # torch.OutOfMemoryError
+    "more system memory",  # Ollama: "model requires more system memory"
+    "insufficient memory",
+    "not enough memory",
+    "failed to allocate",
+)
+
+
+def says_out_of_memory(text: str) -> bool:
+    """Return whether a vendor's error text says the model ran out of memory."""
+    lowered = text.lower()
+    return any(hint in lowered for hint in _OUT_OF_MEMORY_HINTS)
+
+
 def estimate_tokens(chars: int) -> int:
     """Estimate tokens from a character count as ceil(chars / 4), a rule of thumb for English."""
     return math.ceil(chars / 4)

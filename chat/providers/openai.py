@@ -31,6 +31,7 @@ from chat.providers.base import (
     estimate_tokens,
     kind_for_status,
     parse_retry_after,
+    says_out_of_memory,
 )
 
 __all__ = ["OpenAIProvider"]
@@ -313,6 +314,8 @@ def _from_error_body(
         kind = "context_length"
     elif client_error and (code in _POLICY_CODES or any(h in text for h in _POLICY_HINTS)):
         kind = "content_policy"
+    elif client_error and says_out_of_memory(text):
+        kind = "server"
     elif code == "insufficient_quota":
         kind = "auth"  # billing: waiting will not help, an operator must act
     elif status is None:
