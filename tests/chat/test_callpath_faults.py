@@ -426,6 +426,36 @@ async def test_every_model_failing_is_unavailable_naming_the_path(ws, make_user,
 # --------------------------------------------------------------------------- the cached answer
 
 
+async def test_when_every_model_fails_an_earlier_answer_to_the_question_is_given(
+    ws, make_user, wired, clock, settings
+):
+    settings.CHAT_FALLBACK_MODELS = [FALLBACK]
+    settings.CHAT_RETRY_MAX_ATTEMPTS = 1
+    comm = await ws(await cookie_for(make_user))
+    first = await ask(comm, "What is a circuit breaker?")
+    answered = await recv_until_done(comm)
+    assert answered[-1]["cached"] is False
+
+    wired.default = Fault.server_error(503)
+    # A second turn is another context: the exact-match cache misses it.
+    again = await ask(comm, "What is a  circuit breaker?", conversation=first["conversation"])
+    frames = await recv_until_done(comm)
+    assert errors_in(frames) == [] and delta_text(frames) == delta_text(answered)
+    assert (frames[-1]["finish_reason"], frames[-1]["cached"]) == ("stop", True)
+    reply = await reload(again["message"])
+    assert (reply.content, reply.error_code, reply.cached) == (delta_text(answered), "", True)
+    assert [(e["model"], e["outcome"]) for e in reply.call_path] == [
+        (PRIMARY, "server"),
+        (FALLBACK, "server"),
+        ("cache", "ok"),
+    ]
+
+    # A question nobody asked before gets the plain error.
+    await ask(comm, "What is a bulkhead?", conversation=first["conversation"])
+    frames = await recv_until_done(comm)
+    assert [e["code"] for e in errors_in(frames)] == ["unavailable"]
+
+
 async def collect(events):
     out = []
     async with aclosing(events):
