@@ -11,6 +11,7 @@ import logging
 from contextlib import aclosing
 
 import pytest
+from channels.db import database_sync_to_async
 
 from chat.callpath import CallOutcome, ModelPlan, call_model
 from chat.errors import Unavailable
@@ -19,6 +20,7 @@ from tests.chat.callpath_support import *  # noqa: F403
 from tests.chat.callpath_support import FALLBACK, PRIMARY, ask, cookie_for, reload
 from tests.chat.helpers import delta_text, recv, recv_until_done, send
 from tests.fakevendor import Fault, prompt_tokens_for, reply_text
+from tests.monitoring.helpers import TOKEN, scrape, value
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -339,6 +341,32 @@ async def test_stop_closes_the_vendor_stream_at_once(ws, make_user, wired):
     assert frames[-1]["finish_reason"] == "cancelled"
     reply = await reload(accepted["message"])
     assert reply.finish_reason == "cancelled"
+
+
+async def test_failed_replies_are_counted_by_model_and_code(ws, make_user, wired, clock, settings):
+    settings.METRICS_TOKEN = TOKEN
+    settings.CHAT_RETRY_MAX_ATTEMPTS = 1
+    before = await database_sync_to_async(scrape)()
+    wired.script([Fault.server_error(503), Fault.stall(after=2), Fault.ok()])
+    comm = await ws(await cookie_for(make_user))
+    await ask(comm, "one")
+    assert [e["code"] for e in errors_in(await recv_until_done(comm))] == ["unavailable"]
+    await ask(comm, "two")
+    await clock.wait_armed(count=3)  # two tokens read, waiting for the third
+    clock.advance(5.01)
+    assert [e["code"] for e in errors_in(await recv_until_done(comm))] == ["timeout"]
+    await ask(comm, "three")
+    assert errors_in(await recv_until_done(comm)) == []
+    after = await database_sync_to_async(scrape)()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("ai_errors_total", model=PRIMARY, code="unavailable") == 1
+    assert delta("ai_errors_total", model=PRIMARY, code="timeout") == 1
+    assert delta("ai_requests_total", model=PRIMARY, outcome="error") == 2
+    assert delta("ai_requests_total", model=PRIMARY, outcome="stop") == 1
+    assert delta("ai_request_duration_seconds_count", model=PRIMARY) == 3
 
 
 # --------------------------------------------------------------------------- fallbacks
