@@ -24,7 +24,10 @@ Rules the rest of the product relies on:
   holds for rollbacks too.
 * Rollback activates the version that was active before the current one,
   skipping versions that were themselves rolled back from, so pressing it
-  twice walks further back instead of undoing the first rollback.
+  twice walks further back instead of undoing the first rollback. The admin
+  says which version it rolls back from: a second press of the same button
+  (a double click, or two staff members on the same page) finds that version
+  no longer active and changes nothing, instead of walking back once more.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ from chat.snapshots import Snapshot, from_settings
 from feedback.models import ModelVersion, VersionEvent, VersionSplit
 
 PROFILE_FIELDS = ("model", "fallbacks", "system_prompt", "temperature", "max_tokens")
+
+
+class RolledBackAlready(Exception):
+    """The version a rollback was asked to leave is no longer the active one."""
+
+    def __init__(self, active: ModelVersion | None) -> None:
+        super().__init__("the active version changed")
+        self.active = active
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,11 +263,20 @@ def version_activate(*, actor_id: int | None, version_id: int) -> ModelVersion:
         return version
 
 
-def version_rollback(*, actor_id: int | None) -> ModelVersion | None:
-    """Activate the version that was active before the current one; None if there is none."""
+def version_rollback(
+    *, actor_id: int | None, from_version_id: int | None = None
+) -> ModelVersion | None:
+    """Activate the version that was active before the current one; None if there is none.
+
+    `from_version_id` is the version the caller saw active and means to roll
+    back from: if another one is active by now (someone rolled back or
+    activated first), raise RolledBackAlready and change nothing.
+    """
     # The target is chosen and activated under one lock on the history.
     with transaction.atomic():
         current = ModelVersion.objects.select_for_update().filter(is_active=True).first()
+        if from_version_id is not None and (current is None or current.pk != from_version_id):
+            raise RolledBackAlready(current)
         if current is None:
             return None
         target = _rollback_target(current)

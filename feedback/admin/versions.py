@@ -234,7 +234,27 @@ class ModelVersionAdmin(admin.ModelAdmin):
     def rollback_view(self, request: HttpRequest) -> HttpResponse:
         if request.method != "POST" or not self._may_operate(request):
             raise PermissionDenied
-        target = versions.version_rollback(actor_id=request.user.pk)
+        seen = request.POST.get("from_version", "")
+        if not seen.isdigit():
+            # A page from before the button said what it rolls back from.
+            self.message_user(
+                request, "Nothing was changed: reload the page and try again.", messages.WARNING
+            )
+            return self._back()
+        try:
+            target = versions.version_rollback(actor_id=request.user.pk, from_version_id=int(seen))
+        except versions.RolledBackAlready as exc:
+            now = (
+                f"v{exc.active.number} ({exc.active.model}) is active"
+                if exc.active
+                else "no version is active"
+            )
+            self.message_user(
+                request,
+                f"Someone changed the active version first: {now}. Nothing was changed.",
+                messages.WARNING,
+            )
+            return self._back()
         if target is None:
             self.message_user(
                 request, "There is no earlier version to roll back to.", messages.WARNING

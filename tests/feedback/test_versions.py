@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
@@ -105,7 +106,7 @@ def _setup_two_versions(make_user) -> tuple[str, Client]:
 def _roll_back(staff: Client) -> str:
     page = staff.get(VERSIONS).content.decode()
     assert "Roll back to v1 (demo:alpha)" in page
-    response = staff.post(f"{VERSIONS}rollback/")
+    response = staff.post(f"{VERSIONS}rollback/", _rollback_form(page))
     assert response.status_code == 302
     return staff.get(response["Location"]).content.decode()
 
@@ -226,3 +227,44 @@ async def test_split_assignment_is_what_the_websocket_reports_and_stores(ws, mak
         await send(comm, send_frame("again", conversation=accepted["conversation"]))
         assert (await recv(comm))["model"] == accepted["model"]
         await recv_until_done(comm)
+
+
+@pytest.mark.django_db
+def test_two_staff_pressing_the_same_rollback_roll_back_once(make_user):
+    for n in (1, 2, 3):
+        versions.version_create(
+            actor_id=None,
+            model=f"demo:m{n}",
+            fallbacks=[],
+            system_prompt="",
+            temperature=None,
+            max_tokens=None,
+            activate=True,
+        )
+    first, second = Client(), Client()
+    first.force_login(make_user("first", staff=True))
+    second.force_login(make_user("second", staff=True))
+    # Both have the list open: v3 is active and the button says "Roll back to v2".
+    pages = [c.get(VERSIONS).content.decode() for c in (first, second)]
+    assert all("Roll back to v2 (demo:m2)" in page for page in pages)
+    forms = [_rollback_form(page) for page in pages]
+
+    assert first.post(f"{VERSIONS}rollback/", forms[0]).status_code == 302
+    response = second.post(f"{VERSIONS}rollback/", forms[1], follow=True)
+
+    # The second press asked for v3 → v2, which has happened: v1 is not activated.
+    assert ModelVersion.objects.get(is_active=True).number == 2
+    assert VersionEvent.objects.filter(kind="rolled_back").count() == 1
+    page = response.content.decode()
+    assert "v2 (demo:m2) is active" in page and "Nothing was changed" in page
+    # A post that does not say what it rolls back from (a page from an older release) neither.
+    assert first.post(f"{VERSIONS}rollback/").status_code == 302
+    assert ModelVersion.objects.get(is_active=True).number == 2
+
+
+def _rollback_form(page: str) -> dict[str, str]:
+    """Return the fields the changelist's rollback form posts (besides the CSRF token)."""
+    form = re.search(r'<form[^>]*action="[^"]*rollback/"[^>]*>(.*?)</form>', page, re.S)
+    assert form is not None, "no rollback form on the page"
+    fields = re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)"', form.group(1))
+    return {name: value for name, value in fields if name != "csrfmiddlewaretoken"}
