@@ -28,6 +28,9 @@ Rules the rest of the product relies on:
   says which version it rolls back from: a second press of the same button
   (a double click, or two staff members on the same page) finds that version
   no longer active and changes nothing, instead of walking back once more.
+* Every change of the active version or the split runs under one lock
+  (`_versions_lock`), so two staff members changing them at once are served
+  one after the other, each reading what the other committed.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Max
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
@@ -48,6 +51,8 @@ from chat.snapshots import Snapshot, from_settings
 from feedback.models import ModelVersion, VersionEvent, VersionSplit
 
 PROFILE_FIELDS = ("model", "fallbacks", "system_prompt", "temperature", "max_tokens")
+# The PostgreSQL advisory lock that serialises changes of the active version and split.
+_LOCK_KEY = 0x7665_7273  # "vers"
 
 
 class RolledBackAlready(Exception):
@@ -224,6 +229,7 @@ def version_create(
         try:
             # The version, its audit row and its activation land together.
             with transaction.atomic():
+                _versions_lock()
                 base = (
                     ModelVersion.objects.filter(pk=based_on_id).first()
                     if based_on_id
@@ -256,6 +262,7 @@ def version_activate(*, actor_id: int | None, version_id: int) -> ModelVersion:
     """Make a version the active one (ending any split); a no-op if it already is."""
     # Deactivating the old and activating the new must be seen together.
     with transaction.atomic():
+        _versions_lock()
         version = ModelVersion.objects.select_for_update().get(pk=version_id)
         if version.is_active and not VersionSplit.objects.filter(is_running=True).exists():
             return version
@@ -274,6 +281,7 @@ def version_rollback(
     """
     # The target is chosen and activated under one lock on the history.
     with transaction.atomic():
+        _versions_lock()
         current = ModelVersion.objects.select_for_update().filter(is_active=True).first()
         if from_version_id is not None and (current is None or current.pk != from_version_id):
             raise RolledBackAlready(current)
@@ -307,6 +315,19 @@ def _rollback_target(current: ModelVersion) -> ModelVersion | None:
     return ModelVersion.objects.filter(number__lt=current.number).exclude(pk__in=skip).first()
 
 
+def _versions_lock() -> None:
+    """Wait for any other change of the active version or split to commit; call in a transaction.
+
+    Row locks cannot do it: a second activation locks its own target row and
+    reads the active row from before the first one committed, then breaks
+    the one-active constraint. PostgreSQL takes a transaction-scoped advisory
+    lock; SQLite's IMMEDIATE transactions already let one writer in at a time.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
+
+
 def _activate(*, version: ModelVersion, actor_id: int | None, kind: str) -> None:
     previous = ModelVersion.objects.filter(is_active=True).exclude(pk=version.pk).first()
     _split_end(actor_id=actor_id, note=f"ended by {VersionEvent.Kind(kind).label.lower()}")
@@ -333,6 +354,7 @@ def split_start(
         raise ValidationError({"challenger_percent": "The share must be between 1 and 99 %."})
     # The old split ends and the new one starts in one step.
     with transaction.atomic():
+        _versions_lock()
         control = ModelVersion.objects.select_for_update().filter(is_active=True).first()
         if control is None:
             raise ValidationError("Activate a version first: it becomes the control.")
@@ -361,6 +383,7 @@ def split_end(*, actor_id: int | None) -> bool:
     """End the running split, if any; the control stays active. Return whether one ran."""
     # The split's end and its audit row land together.
     with transaction.atomic():
+        _versions_lock()
         return _split_end(actor_id=actor_id, note="ended by staff")
 
 

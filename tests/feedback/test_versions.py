@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import connection
 from django.test import Client
 
 from chat.models import Message
@@ -268,3 +273,83 @@ def _rollback_form(page: str) -> dict[str, str]:
     assert form is not None, "no rollback form on the page"
     fields = re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)"', form.group(1))
     return {name: value for name, value in fields if name != "csrfmiddlewaretoken"}
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Check a condition again and again (each check is a query) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_staff_activating_at_once_are_served_one_after_the_other(make_user, monkeypatch):
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite's IMMEDIATE transactions let one writer in at a time")
+    v1, v2, _v3 = (
+        versions.version_create(
+            actor_id=None,
+            model=f"demo:m{n}",
+            fallbacks=[],
+            system_prompt="",
+            temperature=None,
+            max_tokens=None,
+            activate=n == 3,
+        )
+        for n in (1, 2, 3)
+    )
+    first, second = Client(), Client()
+    first.force_login(make_user("first", staff=True))
+    second.force_login(make_user("second", staff=True))
+
+    # The first activation stops half-way, once it has read which version is active.
+    paused, go = threading.Event(), threading.Event()
+    split_end = versions._split_end
+
+    def pausing_split_end(**kwargs: Any) -> bool:
+        if threading.current_thread().name == "first":
+            paused.set()
+            assert go.wait(10)
+        return split_end(**kwargs)
+
+    monkeypatch.setattr(versions, "_split_end", pausing_split_end)
+    statuses: dict[str, int] = {}
+
+    def activate(name: str, client: Client, version: ModelVersion) -> None:
+        try:
+            statuses[name] = client.post(f"{VERSIONS}{version.pk}/activate/").status_code
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=activate, args=("first", first, v1), name="first"),
+        threading.Thread(target=activate, args=("second", second, v2), name="second"),
+    ]
+    threads[0].start()
+    try:
+        assert paused.wait(10)
+        threads[1].start()
+
+        def second_done_or_waiting() -> bool:
+            if not threads[1].is_alive():
+                return True
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                return cursor.fetchone()[0] > 0
+
+        _wait_until(second_done_or_waiting, "the second activation neither ended nor waited")
+    finally:
+        go.set()
+        for thread in threads:
+            thread.join(20)
+
+    # Both were served; the later one is active, and the history says so.
+    assert statuses == {"first": 302, "second": 302}
+    active = ModelVersion.objects.get(is_active=True)
+    last = VersionEvent.objects.filter(kind="activated").order_by("-id").first()
+    assert last is not None and last.version_id == active.pk
+    assert last.from_version_id in (v1.pk, v2.pk) and last.from_version_id != active.pk
