@@ -524,9 +524,12 @@ def conversations_expire(*, now: dt.datetime | None = None, batch: int = 500) ->
         with transaction.atomic():
             if settings.MONITORING_RETENTION_MODE == "anonymise":
                 # Numbers (tokens, cost, latency) stay for the dashboards;
-                # everything a person wrote or could be found by goes.
+                # everything a person wrote or could be found by goes. The
+                # idempotency key goes with its owner: clients choose it, so
+                # two people's may be equal, and ("", same id) twice would
+                # break its unique constraint and stop retention for good.
                 Message.objects.filter(conversation_id__in=ids).update(
-                    content="", owner_key="", injection_signals=[]
+                    content="", owner_key="", client_msg_id=None, injection_signals=[]
                 )
                 Conversation.objects.filter(pk__in=ids).update(
                     user=None, session_key=ANONYMISED, title=""

@@ -233,3 +233,30 @@ def test_seed_command_fills_the_dashboard_quickly(make_user):
     assert page.status_code == 200
     assert time.perf_counter() - started < 2.0
     assert "seed-user-" in page.content.decode()
+
+
+def test_anonymising_copes_with_two_owners_who_used_the_same_client_msg_id(make_user, settings):
+    """Clients choose client_msg_id: two people's messages may share one."""
+    import uuid
+
+    settings.MONITORING_RETENTION_DAYS = 30
+    settings.MONITORING_RETENTION_MODE = "anonymise"
+    same = uuid.UUID(int=0)
+    ids = []
+    for name in ("erin", "frank"):
+        user = make_user(name)
+        conversation = Conversation.objects.create(user=user)
+        Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.USER,
+            content=f"I am {name}",
+            owner_key=f"u:{user.pk}",
+            client_msg_id=same,
+        )
+        ids.append(conversation.pk)
+    Conversation.objects.filter(pk__in=ids).update(
+        updated_at=timezone.now() - dt.timedelta(days=31)
+    )
+    tasks.conversations_expire.apply(throw=True)
+    assert set(Message.objects.values_list("content", "owner_key")) == {("", "")}
+    assert set(Conversation.objects.values_list("session_key", flat=True)) == {"anonymised"}
