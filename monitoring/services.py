@@ -1,7 +1,8 @@
 """Writes: rollups, alerts, the reaper, retention and the worker heartbeat.
 
-Every function here is safe to run twice (Celery may redeliver): a rollup
-replaces its hour whole, an alert with an open twin is counted on it, the
+Every function here is safe to run twice, or twice at once (Celery may
+redeliver): a rollup replaces its hour whole, the later of two overlapping
+runs' rows winning, an alert with an open twin is counted on it, the
 reaper finishes replies through the status-guarded `reply_finish`.
 """
 
@@ -162,8 +163,26 @@ def _rollups_replace(start: dt.datetime, end: dt.datetime) -> int:
     # Readers see the old hours or the new ones, never half of each.
     with transaction.atomic():
         HourlyRollup.objects.filter(hour__gte=start, hour__lt=end).delete()
-        HourlyRollup.objects.bulk_create(groups.values(), batch_size=1000)
+        _insert_replacing(HourlyRollup, list(groups.values()), key=["hour", "model", "version_id"])
     return len(groups)
+
+
+def _insert_replacing(model: Any, rows: list[Any], *, key: list[str]) -> None:
+    """Insert rows; one whose `key` another run wrote meanwhile replaces that run's.
+
+    Two runs may overlap (a slow run and the next one, a redelivered task
+    beside its first delivery): on PostgreSQL each deletes what was there
+    when its DELETE began, so the later one to insert would find the
+    other's new rows and fail on the unique key. The later write wins
+    instead; both computed the rows from the replies, and the next run
+    computes them again.
+    """
+    fields = [
+        f.name for f in model._meta.concrete_fields if not f.primary_key and f.name not in key
+    ]
+    model.objects.bulk_create(
+        rows, batch_size=1000, update_conflicts=True, unique_fields=key, update_fields=fields
+    )
 
 
 def rollup_hour(*, hour: dt.datetime) -> int:
@@ -214,7 +233,7 @@ def user_spend_day(*, day: dt.date) -> int:
     # The day is replaced whole, like an hour's rollup.
     with transaction.atomic():
         DailyUserSpend.objects.filter(day=day).delete()
-        DailyUserSpend.objects.bulk_create(spend)
+        _insert_replacing(DailyUserSpend, spend, key=["day", "user_id"])
     return len(spend)
 
 

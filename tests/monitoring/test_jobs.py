@@ -260,3 +260,52 @@ def test_anonymising_copes_with_two_owners_who_used_the_same_client_msg_id(make_
     tasks.conversations_expire.apply(throw=True)
     assert set(Message.objects.values_list("content", "owner_key")) == {("", "")}
     assert set(Conversation.objects.values_list("session_key", flat=True)) == {"anonymised"}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("table", [HourlyRollup, DailyUserSpend], ids=lambda t: t.__name__)
+def test_two_rollup_runs_at_once_both_succeed_and_count_each_reply_once(
+    conversation, monkeypatch, table
+):
+    """A slow run overlapping the next minute's, or a redelivered task beside its first run."""
+    import threading
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite's IMMEDIATE transactions run one replacement at a time")
+    for _ in range(3):
+        _reply(conversation)
+    # The first run stops between deleting its rows and writing them again.
+    paused, go = threading.Event(), threading.Event()
+    bulk_create = table.objects.bulk_create
+
+    def pausing_bulk_create(*args, **kwargs):
+        if threading.current_thread().name == "first":
+            paused.set()
+            assert go.wait(10)
+        return bulk_create(*args, **kwargs)
+
+    monkeypatch.setattr(table.objects, "bulk_create", pausing_bulk_create)
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            tasks.rollups_refresh.apply(throw=True)
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=run, name="first")
+    first.start()
+    try:
+        assert paused.wait(10)
+        tasks.rollups_refresh.apply(throw=True)  # the second run, start to end
+    finally:
+        go.set()
+        first.join(20)
+    assert failures == []
+    (row,) = HourlyRollup.objects.all()
+    (spend,) = DailyUserSpend.objects.all()
+    assert row.replies == spend.replies == 3
