@@ -342,6 +342,37 @@ class Scorecard:
 COMPARED_RATES = ("up_rate", "feedback_rate", "error_rate", "moderation_rate")
 
 
+@dataclass(frozen=True, slots=True)
+class ScorecardChoice:
+    """What the scorecards page was asked for; what could not be read is left out."""
+
+    version_keys: list[int] | None  # None: the default cards
+    since: dt.date | None  # None: every day
+    days: int | None
+
+
+def scorecard_choice(*, versions: list[str], days: str) -> ScorecardChoice:
+    """Read the scorecards page's query: versions (`v`, repeated) and how many days back.
+
+    Staff edit these URLs by hand: an id no id column could hold, or a range
+    further back than a date goes, is ignored (as the desk's filters do)
+    rather than failing the page.
+    """
+    keys = [
+        key
+        for key in (_parse_id(v, model=ModelVersion, using="default") for v in versions)
+        if key is not None
+    ]
+    number = int(days) if days.isascii() and days.isdigit() and len(days) <= 9 else 0
+    since = None
+    if number > 0:
+        try:
+            since = timezone.localdate() - dt.timedelta(days=number - 1)
+        except OverflowError:
+            number = 0
+    return ScorecardChoice(version_keys=keys or None, since=since, days=number or None)
+
+
 def scorecards(
     *, version_keys: list[int] | None = None, since: dt.date | None = None, limit: int = 6
 ) -> tuple[list[Scorecard], int | None]:

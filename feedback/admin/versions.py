@@ -3,7 +3,6 @@ A/B split, audit trail with diffs, and scorecards side by side."""
 
 from __future__ import annotations
 
-import datetime as dt
 import difflib
 from typing import Any
 
@@ -14,7 +13,6 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
-from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
@@ -315,14 +313,10 @@ class ModelVersionAdmin(admin.ModelAdmin):
     def scorecards_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_view_permission(request):
             raise PermissionDenied
-        keys = [int(v) for v in request.GET.getlist("v") if v.isdigit()] or None
-        days = request.GET.get("days", "")
-        since = (
-            timezone.localdate() - dt.timedelta(days=int(days) - 1)
-            if days.isdigit() and int(days) > 0
-            else None
+        choice = selectors.scorecard_choice(
+            versions=request.GET.getlist("v"), days=request.GET.get("days", "")
         )
-        cards, baseline = selectors.scorecards(version_keys=keys, since=since)
+        cards, baseline = selectors.scorecards(version_keys=choice.version_keys, since=choice.since)
         context = {
             **self.admin_site.each_context(request),
             "title": "Scorecards by version",
@@ -330,9 +324,9 @@ class ModelVersionAdmin(admin.ModelAdmin):
             "rows": _scorecard_rows(cards),
             "cards": cards,
             "baseline": next((c for c in cards if c.version_key == baseline), None),
-            "days": days,
+            "days": str(choice.days or ""),
             "all_versions": ModelVersion.objects.order_by("-number").values_list("pk", "number"),
-            "chosen": keys or [],
+            "chosen": choice.version_keys or [],
         }
         return TemplateResponse(request, "admin/feedback/scorecards.html", context)
 

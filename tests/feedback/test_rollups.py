@@ -162,3 +162,28 @@ def test_scorecards_page_shows_versions_side_by_side(traffic, make_user):
 def test_beat_schedule_has_the_rollup_tasks():
     tasks_scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
     assert {"feedback.rollup_refresh", "feedback.rollup_rebuild"} <= tasks_scheduled
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"days": "7"},
+        {"days": "1000000"},  # further back than a date goes
+        {"days": "99999999999999999999"},
+        {"days": "²"},  # a digit to str.isdigit(), not to int()
+        {"v": "99999999999999999999999"},  # past what an id column holds
+        {"v": "²"},
+    ],
+)
+def test_scorecards_page_takes_any_query_without_failing(traffic, make_user, query):
+    tasks.rollup_refresh()
+    client = Client(raise_request_exception=False)
+    client.force_login(make_user("staffer", staff=True))
+
+    response = client.get("/admin/feedback/modelversion/scorecards/", query)
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    if "days" in query:  # an unusable range is no range: every day is shown
+        assert "v1 · demo:one" in page and "v2 · demo:two" in page
+        assert ('value="7" selected' in page) == (query["days"] == "7")
