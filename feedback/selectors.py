@@ -342,6 +342,11 @@ class Scorecard:
 COMPARED_RATES = ("up_rate", "feedback_rate", "error_rate", "moderation_rate")
 
 
+def version_id_param(value: str) -> int | None:
+    """Return the version id a query parameter names, or None when it names none."""
+    return _parse_id(value, model=ModelVersion, using="default")
+
+
 @dataclass(frozen=True, slots=True)
 class ScorecardChoice:
     """What the scorecards page was asked for; what could not be read is left out."""
@@ -358,11 +363,7 @@ def scorecard_choice(*, versions: list[str], days: str) -> ScorecardChoice:
     further back than a date goes, is ignored (as the desk's filters do)
     rather than failing the page.
     """
-    keys = [
-        key
-        for key in (_parse_id(v, model=ModelVersion, using="default") for v in versions)
-        if key is not None
-    ]
+    keys = [key for key in (version_id_param(v) for v in versions) if key is not None]
     number = int(days) if days.isascii() and days.isdigit() and len(days) <= 9 else 0
     since = None
     if number > 0:

@@ -119,8 +119,8 @@ class ModelVersionAdmin(admin.ModelAdmin):
         return request.user.has_perm("feedback.add_modelversion")
 
     def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
-        source_id = request.GET.get("from", "")
-        source = ModelVersion.objects.filter(pk=source_id).first() if source_id.isdigit() else None
+        source_id = selectors.version_id_param(request.GET.get("from", ""))
+        source = ModelVersion.objects.filter(pk=source_id).first() if source_id else None
         profile = (
             {name: getattr(source, name) for name in versions.PROFILE_FIELDS}
             if source
@@ -277,8 +277,9 @@ class ModelVersionAdmin(admin.ModelAdmin):
         if not self._may_operate(request):
             raise PermissionDenied
         initial = {}
-        if request.GET.get("challenger", "").isdigit():
-            initial["challenger"] = int(request.GET["challenger"])
+        challenger_id = selectors.version_id_param(request.GET.get("challenger", ""))
+        if challenger_id:
+            initial["challenger"] = challenger_id
         form = SplitForm(request.POST or None, initial=initial)
         if request.method == "POST" and form.is_valid():
             try:

@@ -353,3 +353,22 @@ def test_two_staff_activating_at_once_are_served_one_after_the_other(make_user, 
     last = VersionEvent.objects.filter(kind="activated").order_by("-id").first()
     assert last is not None and last.version_id == active.pk
     assert last.from_version_id in (v1.pk, v2.pk) and last.from_version_id != active.pk
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("page", ["add/?from=", "split/?challenger="])
+@pytest.mark.parametrize("value", ["²", "99999999999999999999999", "x"])
+def test_version_pages_take_any_version_parameter_without_failing(staff_client, page, value):
+    """Str.isdigit() takes "²", which int() refuses; staff edit these links by hand."""
+    versions.version_create(
+        actor_id=None,
+        model="demo:one",
+        fallbacks=[],
+        system_prompt="",
+        temperature=None,
+        max_tokens=None,
+        activate=True,
+    )
+    staff_client.raise_request_exception = False
+    response = staff_client.get(f"{VERSIONS}{page}{value}")
+    assert response.status_code == 200
