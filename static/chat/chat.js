@@ -34,6 +34,7 @@
     titleChecks: 0,
     titleTimer: 0,
     connectedOnce: false,
+    views: 0,            // counts conversations opened: a slower, older load is not shown
   };
 
   const TRANSIENT = new Set(["rate_limited", "timeout", "unavailable", "internal", "budget_exceeded"]);
@@ -330,20 +331,30 @@
   }
 
   async function openConversation(id) {
+    const opening = ++state.views;
     let data;
     try {
       data = await api("GET", `/api/conversations/${id}/messages/`);
     } catch (e) {
-      showError("That conversation could not be opened.");
+      if (opening === state.views) showError("That conversation could not be opened.");
       return;
     }
+    if (opening !== state.views) return;  // another conversation was opened since
     leaveStream();
     showError("");
     state.conversation = id;
     state.titleChecks = 0;
     history.replaceState(null, "", `/?c=${id}`);
+    showHistory(data.messages);
+    closeSidebar();
+    scrollToEnd();
+    loadConversations();
+    input.focus();
+  }
+
+  function showHistory(messages) {
     messagesEl.replaceChildren();
-    for (const m of data.messages) {
+    for (const m of messages) {
       const li = addMessage(m);
       if (m.role === "assistant" && m.status === "pending") {
         resume(startReply({ message: m.id, model: m.model }, li));
@@ -351,13 +362,28 @@
     }
     updateEmptyState();
     refreshRegenerate();
-    closeSidebar();
-    scrollToEnd();
-    loadConversations();
-    input.focus();
+  }
+
+  // Another tab of ours began a reply in the conversation on screen: show it
+  // as the history has it (its question, and without what an edit or a
+  // regeneration there replaced), and follow the reply.
+  async function followOtherTab(id) {
+    const refreshing = ++state.views;
+    let data;
+    try {
+      data = await api("GET", `/api/conversations/${id}/messages/`);
+    } catch (e) {
+      return;
+    }
+    const idle = !state.streaming && !state.pending && !messagesEl.querySelector(".edit-box");
+    if (refreshing !== state.views || state.conversation !== id || !idle) return;
+    const nearBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 120;
+    showHistory(data.messages);
+    if (nearBottom) scrollToEnd();
   }
 
   function newChat() {
+    state.views += 1;  // a conversation still loading is not shown over the new chat
     leaveStream();
     state.conversation = null;
     messagesEl.replaceChildren();
@@ -568,7 +594,7 @@
       case "chat.started":
         // Another tab of ours began a reply: follow it here if it is on screen.
         if (frame.conversation === state.conversation && !state.streaming && !state.pending) {
-          resume(startReply({ message: frame.message }));
+          followOtherTab(frame.conversation);
         } else {
           loadConversations();
         }

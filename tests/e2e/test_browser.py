@@ -1084,3 +1084,43 @@ def test_a_failed_reply_says_so_in_plain_words_and_retry_answers_it(browser, tmp
         finally:
             context.close()
             stop_server(server.process)
+
+
+def test_a_second_tab_shows_the_question_and_drops_what_an_edit_replaced(ctx):
+    """The other tab follows a reply with the question it answers, and an edit made
+    in one tab replaces the edited message and what followed in the other too."""
+    page, _ = ctx
+    page.goto("/")
+    quick_exchange(page, f"First in two tabs {uuid.uuid4().hex[:6]}")
+    conversation = current_conversation(page)
+    other = page.context.new_page()
+    try:
+        other.goto(f"/?c={conversation}")
+        wait_connected(other)
+        expect(other.locator(".message")).to_have_count(2)
+
+        send(page, "A follow-up from the first tab")
+        expect(other.locator(".message.assistant")).to_have_count(2)
+        expect(other.locator(".message.user .content")).to_have_text(
+            [re.compile("First in two tabs"), "A follow-up from the first tab"]
+        )
+        page.click("#stop")
+        wait_reply_done(page, "cancelled")
+        wait_reply_done(other, "cancelled")
+
+        page.locator(".message.user").first.locator(".edit-message").click()
+        page.fill(".edit-input", "The edited first question")
+        page.press(".edit-input", "Enter")
+        expect(page.locator(".message")).to_have_count(2)
+        expect(other.locator(".message.user .content")).to_have_text(["The edited first question"])
+        expect(other.locator(".message")).to_have_count(2)
+        page.click("#stop")
+        wait_reply_done(page, "cancelled")
+        done_there = wait_reply_done(other, "cancelled")
+        stored = history(page, conversation)
+        assert [m["id"] for m in stored] == [
+            int(other.locator(".message").nth(i).get_attribute("data-id") or 0) for i in range(2)
+        ]
+        assert done_there.get_attribute("data-source") == stored[-1]["content"]
+    finally:
+        other.close()
