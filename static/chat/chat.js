@@ -803,11 +803,16 @@
     }
   });
 
+  // Escape in another text field is that field's (the search box clears
+  // itself); it stops the reply from the message box or from outside a field.
+  const typingElsewhere = (target) =>
+    target !== input && target instanceof Element && target.matches("input, textarea, select, [contenteditable]");
+
   document.addEventListener("keydown", (ev) => {
     if (ev.key === "Escape" && app.classList.contains("sidebar-open")) {
       closeSidebar();
       toggle.focus();
-    } else if (ev.key === "Escape" && (state.streaming || state.pending) && !confirmDialog.open) {
+    } else if (ev.key === "Escape" && (state.streaming || state.pending) && !confirmDialog.open && !typingElsewhere(ev.target)) {
       ev.preventDefault();
       stopBtn.click();
     }

@@ -875,6 +875,31 @@ def test_keyboard_enter_shift_enter_escape_and_tab_order(ctx):
     assert reply.locator(".thumb.up").get_attribute("aria-label") == "Good reply"
 
 
+def test_escape_in_the_search_box_or_a_comment_does_not_stop_the_reply(ctx):
+    """Escape clears the search box or leaves a feedback comment; only pressed
+    elsewhere does it stop the reply that is streaming."""
+    page, _ = ctx
+    page.goto("/")
+    first = quick_exchange(page, f"Rate me first {uuid.uuid4().hex[:6]}")
+    rated = page.locator(f'.message.assistant[data-id="{first.get_attribute("data-id")}"]')
+    rated.locator(".thumb.up").click()
+    comment = rated.locator(".feedback-comment")
+    expect(comment).to_be_visible()
+
+    send(page, "Now a long reply, please")
+    reply = last_reply(page)
+    expect(reply).to_have_attribute("data-seq", re.compile(r"^[1-9]\d*$"))
+    page.fill("#search", "something")
+    page.press("#search", "Escape")
+    expect(page.locator("#search")).to_have_value("")
+    comment.fill("It was fine")
+    page.press(".feedback-comment", "Escape")
+
+    expect(reply).to_have_attribute("data-finish", re.compile("."), timeout=30_000)
+    assert reply.get_attribute("data-finish") == "stop"
+    assert history(page, current_conversation(page))[-1]["finish_reason"] == "stop"
+
+
 # --------------------------------------------------------------------------- fallback and queue
 
 
