@@ -291,6 +291,35 @@ class ReplayHub:
         if settings.REDIS_URL:
             await self._client().set(_STOP_KEY.format(reply_id), b"1", ex=600)
 
+    def stop_from_thread(self, reply_ids: list[int]) -> None:
+        """Stop these replies wherever they run; for code off the event loop (a view).
+
+        A reply this process runs is cancelled on its own loop; in the scaled
+        mode the stop key is also set, for a reply another process runs (its
+        flusher polls the key, as for `chat.stop`).
+        """
+        for reply_id in reply_ids:
+            buffer = self._buffers.get(reply_id)
+            task = buffer.task if buffer is not None else None
+            if task is not None and not task.done():
+                task.get_loop().call_soon_threadsafe(task.cancel)
+        if not settings.REDIS_URL or not reply_ids:
+            return
+        import redis
+
+        client = redis.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=3, socket_connect_timeout=3
+        )
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for reply_id in reply_ids:
+                    pipe.set(_STOP_KEY.format(reply_id), b"1", ex=600)
+                pipe.execute()
+        except redis.RedisError:
+            logger.warning("could not ask for %d replies to stop", len(reply_ids), exc_info=True)
+        finally:
+            client.close()
+
     # --- embedded mode: checkpoints for the reaper ----------------------------------
 
     async def _checkpoint_loop(self) -> None:

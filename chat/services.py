@@ -547,8 +547,18 @@ def conversation_rename(*, owner: Owner, conversation_id: object, title: object)
 def conversation_delete(*, owner: Owner, conversation_id: object) -> None:
     """Delete the owner's conversation and its messages; raise NotFound for others'.
 
-    A reply still streaming in it finds its row gone and stores nothing
-    (`reply_finish` matches no pending row).
+    A reply still streaming in it is stopped, so its model does not go on
+    writing (and costing) text nobody will see; it finds its row gone and
+    stores nothing (`reply_finish` matches no pending row).
     """
+    from chat.replay import hub
+
     conversation = access_conversation(owner=owner, conversation_id=conversation_id)
+    running = list(
+        conversation.messages.filter(
+            role=Message.Role.ASSISTANT, status=Message.Status.PENDING
+        ).values_list("id", flat=True)
+    )
     conversation.delete()
+    if running:
+        transaction.on_commit(lambda: hub.stop_from_thread(running), robust=True)

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from channels.db import database_sync_to_async
+from django.test import Client
 
 from chat.models import Message
 from tests.chat.helpers import delta_text, recv, recv_until_done, send, send_frame
@@ -251,3 +252,31 @@ async def test_resuming_a_reply_whose_process_died_ends_it_at_once_as_failed(
     assert delta_text(replayed) == "".join(seen)
     assert replayed[-1]["finish_reason"] == "error"
     assert await sync_to_async(unavailable_errors)() == errors_before + 1
+
+
+async def test_deleting_a_conversation_stops_its_running_reply(ws, make_user, settings):
+    """The model is not left writing (and billing) a reply its user has deleted."""
+    settings.CHAT_DEMO_TPS = 5
+    settings.CHAT_DEMO_REPLY_TOKENS = 50
+    user = await database_sync_to_async(make_user)("alice")
+
+    def signed_in() -> Client:
+        client = Client()
+        client.force_login(user)
+        return client
+
+    client = await database_sync_to_async(signed_in)()
+    comm = await ws(f"sessionid={client.cookies['sessionid'].value}")
+    await send(comm, send_frame("a long answer, please"))
+    accepted = await recv(comm)
+    assert (await recv(comm))["type"] == "chat.delta"
+
+    url = f"/api/conversations/{accepted['conversation']}/"
+    deleted = await database_sync_to_async(client.delete)(url)
+    assert deleted.status_code == 204
+    frames = await recv_until_done(comm)
+    assert frames[-1]["finish_reason"] == "cancelled"
+    assert frames[-1]["usage"]["completion_tokens"] < 50
+    assert not await database_sync_to_async(
+        Message.objects.filter(conversation_id=accepted["conversation"]).exists
+    )()
