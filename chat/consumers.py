@@ -22,7 +22,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import DEFAULT_CHANNEL_LAYER
 from django.conf import settings
 
-from chat import pipeline, protocol, selectors
+from chat import pipeline, protocol, selectors, signout
 from chat.errors import ChatError, Internal, InvalidInput, NotFound
 from chat.models import Message
 from chat.owners import Owner
@@ -73,7 +73,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._pump: asyncio.Task[None] | None = None
         self._followers: set[asyncio.Task[None]] = set()
         self._group = None
+        self._session_group = None
         await self.accept()
+        session_key = self.scope.get("session_key")
+        if session_key:
+            self._session_group = signout.session_group(session_key)
+            if self.channel_layer is not None:
+                await self._layer("group_add", self._session_group, self.channel_name)
+            else:
+                signout.join(self._session_group, self._signed_out)
         if self.owner is not None:
             if self.channel_layer is not None:
                 self._group = owner_group(self.owner)
@@ -82,6 +90,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 hub.join(self.owner.key, self._deliver)
 
     async def disconnect(self, code: int) -> None:
+        if self._session_group is not None:
+            if self.channel_layer is not None:
+                await self._layer("group_discard", self._session_group, self.channel_name)
+            else:
+                signout.leave(self._session_group, self._signed_out)
         if self._group is not None:
             await self._layer("group_discard", self._group, self.channel_name)
         elif self.owner is not None:
@@ -98,6 +111,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if tasks:
                 await asyncio.wait(tasks, timeout=_STORE_GRACE_SECONDS)
         # Otherwise the replies run on: they are saved, and can be resumed.
+
+    def _signed_out(self) -> None:
+        """Close the socket: its session signed out (called on this socket's loop)."""
+        closing = asyncio.get_running_loop().create_task(self.close(code=signout.SIGNED_OUT))
+        self._followers.add(closing)  # the loop keeps only a weak reference
+        closing.add_done_callback(self._followers.discard)
+
+    async def session_ended(self, event: dict[str, Any]) -> None:
+        await self.close(code=signout.SIGNED_OUT)
 
     async def send_json(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=_FRAME_ENCODER.encode(frame))

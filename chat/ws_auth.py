@@ -50,4 +50,8 @@ class SessionUserMiddleware:
                 cookie = value.decode("latin-1")
                 break
         owner = await database_sync_to_async(owner_from_cookie_header)(cookie) if cookie else None
-        return await self.inner(dict(scope, owner=owner), receive, send)
+        # A signed-in socket is closed when its session signs out (chat/signout.py).
+        session_key = ""
+        if owner is not None and not owner.is_anonymous:
+            session_key = parse_cookie(cookie).get(settings.SESSION_COOKIE_NAME, "")
+        return await self.inner(dict(scope, owner=owner, session_key=session_key), receive, send)

@@ -635,9 +635,15 @@
       try { frame = JSON.parse(ev.data); } catch (e) { return; }
       onFrame(frame);
     });
-    ws.addEventListener("close", () => {
+    ws.addEventListener("close", (ev) => {
       if (state.socket !== ws) return;
       app.dataset.connected = "false";
+      if (ev.code === 4401) {
+        // This session signed out (in another tab): a new socket would not be ours.
+        setConnection("Signed out");
+        showError("You signed out. Reload the page to sign in again.");
+        return;
+      }
       setConnection("Connection lost. Reconnecting…");
       setTimeout(connect, state.retryMs);
       state.retryMs = Math.min(state.retryMs * 2, 8000);

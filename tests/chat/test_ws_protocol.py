@@ -6,10 +6,11 @@ import json
 
 import pytest
 from channels.db import database_sync_to_async
+from django.test import Client
 
 from chat.models import Conversation, Message
 from tests.asgi_ws import WebsocketCommunicator
-from tests.chat.helpers import delta_text, recv, recv_until_done, send, send_frame
+from tests.chat.helpers import TIMEOUT, delta_text, recv, recv_until_done, send, send_frame
 from tests.conftest import session_cookie_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -248,3 +249,28 @@ def test_a_replys_streaming_settings_are_read_once_and_follow_a_change(settings)
     assert pipeline._streaming_settings() is first
     settings.CHAT_MODERATION_WINDOW_TOKENS = 3
     assert pipeline._streaming_settings().window_tokens == 3
+
+
+async def test_signing_out_closes_the_sockets_of_that_session_only(ws, make_user):
+    """A tab left open after signing out elsewhere cannot go on chatting as the user;
+    the same user's other sign-ins keep their sockets."""
+    user = await database_sync_to_async(make_user)("alice")
+
+    def signed_in() -> Client:
+        client = Client()
+        client.force_login(user)
+        return client
+
+    leaving = await database_sync_to_async(signed_in)()
+    staying = await database_sync_to_async(signed_in)()
+    left_open = await ws(f"sessionid={leaving.cookies['sessionid'].value}")
+    elsewhere = await ws(f"sessionid={staying.cookies['sessionid'].value}")
+
+    response = await database_sync_to_async(leaving.post)("/accounts/logout/")
+    assert response.status_code == 302
+    closed = await left_open.receive_output(timeout=TIMEOUT)
+    assert closed == {"type": "websocket.close", "code": 4401}
+
+    await send(elsewhere, send_frame("still signed in here"))
+    assert (await recv(elsewhere))["type"] == "chat.accepted"
+    await recv_until_done(elsewhere)

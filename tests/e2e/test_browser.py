@@ -830,6 +830,23 @@ def test_a_second_tab_on_the_same_conversation_follows_a_new_reply(ctx):
     other.close()
 
 
+def test_signing_out_in_one_tab_ends_the_chat_in_the_other(ctx):
+    """A tab left open after signing out in another one can no longer chat as the user."""
+    page, _ = ctx
+    sign_up(page)
+    wait_connected(page)
+    other = page.context.new_page()
+    try:
+        other.goto("/")
+        wait_connected(other)
+        other.click(".account button[type=submit]")  # Sign out
+        expect(page.locator("#app")).to_have_attribute("data-connected", "false")
+        expect(page.locator("#connection")).to_have_text("Signed out")
+        expect(page.locator("#error")).to_contain_text("You signed out")
+    finally:
+        other.close()
+
+
 # --------------------------------------------------------------------------- keyboard
 
 

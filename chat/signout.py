@@ -1,0 +1,89 @@
+"""Signing out ends the WebSockets opened under that session.
+
+A socket learns who it belongs to once, at connect (chat/ws_auth.py). Without
+this, a tab left open after its user signed out in another one went on
+chatting, resuming and rating as that user until it reconnected. Django
+sends `user_logged_out` before it forgets the session, so its key is still
+known: the sockets of that session (and only those; the user's other
+sign-ins keep theirs) are closed with code 4401.
+
+In one process the sockets are found in a registry here; the view that signs
+out runs on another thread than their event loop, so each is closed through
+its own loop. With Redis they join a channel-layer group per session, which
+reaches every server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+# The WebSocket close code of a socket whose session signed out.
+SIGNED_OUT = 4401
+
+Closer = Callable[[], None]
+
+_lock = threading.Lock()
+_local: dict[str, list[tuple[asyncio.AbstractEventLoop, Closer]]] = {}
+
+
+def session_group(session_key: str) -> str:
+    """Return the opaque name of one session's sockets (a channel-layer group name)."""
+    return "session." + hashlib.sha256(session_key.encode()).hexdigest()[:32]
+
+
+def join(group: str, close: Closer) -> None:
+    """Close this socket (`close` runs on the calling event loop) when its session signs out."""
+    entry = (asyncio.get_running_loop(), close)
+    with _lock:
+        _local.setdefault(group, []).append(entry)
+
+
+def leave(group: str, close: Closer) -> None:
+    with _lock:
+        entries = [e for e in _local.get(group, []) if e[1] != close]
+        if entries:
+            _local[group] = entries
+        else:
+            _local.pop(group, None)
+
+
+def session_ended(session_key: str) -> None:
+    """Close every socket opened under this session, in this process and the others."""
+    if not session_key:
+        return
+    group = session_group(session_key)
+    with _lock:
+        entries = _local.pop(group, [])
+    for loop, close in entries:
+        try:
+            loop.call_soon_threadsafe(close)
+        except RuntimeError:  # that loop has closed, and its sockets with it
+            continue
+    if settings.REDIS_URL:
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        try:
+            async_to_sync(layer.group_send)(group, {"type": "session.ended"})
+        except Exception:
+            logger.warning("could not close the sockets of a signed-out session", exc_info=True)
+
+
+def on_logged_out(sender: Any, request: Any = None, **_: Any) -> None:
+    """The `user_logged_out` receiver."""
+    session = getattr(request, "session", None)
+    key = getattr(session, "session_key", None)
+    if key:
+        session_ended(key)
