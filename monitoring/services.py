@@ -541,22 +541,32 @@ def conversations_expire(*, now: dt.datetime | None = None, batch: int = 500) ->
             return done
         # A conversation goes whole or not at all, batch by batch.
         with transaction.atomic():
-            if settings.MONITORING_RETENTION_MODE == "anonymise":
-                # Numbers (tokens, cost, latency) stay for the dashboards;
-                # everything a person wrote or could be found by goes. The
-                # idempotency key goes with its owner: clients choose it, so
-                # two people's may be equal, and ("", same id) twice would
-                # break its unique constraint and stop retention for good.
-                Message.objects.filter(conversation_id__in=ids).update(
-                    content="", owner_key="", client_msg_id=None, injection_signals=[]
-                )
-                Conversation.objects.filter(pk__in=ids).update(
-                    user=None, session_key=ANONYMISED, title=""
-                )
-                _anonymise_feedback(ids)
-            else:
-                Conversation.objects.filter(pk__in=ids).delete()
+            conversations_retire(conversation_ids=ids)
         done += len(ids)
+
+
+def conversations_retire(*, conversation_ids: list[int]) -> None:
+    """Delete or anonymise these conversations, as MONITORING_RETENTION_MODE says.
+
+    The one rule for conversations that must go, whether they expired or
+    their owner deleted the account (chat/account.py). Run it in a
+    transaction: the messages and the feedback go with their conversation.
+    """
+    if settings.MONITORING_RETENTION_MODE == "anonymise":
+        # Numbers (tokens, cost, latency) stay for the dashboards;
+        # everything a person wrote or could be found by goes. The
+        # idempotency key goes with its owner: clients choose it, so two
+        # people's may be equal, and ("", same id) twice would break its
+        # unique constraint and stop retention for good.
+        Message.objects.filter(conversation_id__in=conversation_ids).update(
+            content="", owner_key="", client_msg_id=None, injection_signals=[]
+        )
+        Conversation.objects.filter(pk__in=conversation_ids).update(
+            user=None, session_key=ANONYMISED, title=""
+        )
+        _anonymise_feedback(conversation_ids)
+    else:
+        Conversation.objects.filter(pk__in=conversation_ids).delete()
 
 
 # The owner of an anonymised conversation: no user, no session.
