@@ -19,7 +19,7 @@ from django.shortcuts import render
 from django.urls import path
 from django_ratelimit.decorators import ratelimit
 
-from chat import views
+from chat import data_views, views
 from chat.safety.limits import parse_rate
 from monitoring import metrics
 
@@ -69,8 +69,16 @@ password_reset = rate_limited(
     rate_setting="CHAT_RATELIMIT_PASSWORD_RESET",
     keys=("ip", "post:email"),
 )(auth_views.PasswordResetView.as_view())
+# Each attempt is a password guess: counted per account and per IP.
+account_delete = rate_limited(
+    scope="account_delete", rate_setting="CHAT_RATELIMIT_ACCOUNT_DELETE", keys=("ip", "user")
+)(data_views.account_delete)
 
 urlpatterns = [
+    path("data/", data_views.data_page, name="account-data"),
+    path("data/export/", data_views.data_export, name="account-data-export"),
+    path("data/delete/", account_delete, name="account-delete"),
+    path("data/deleted/", data_views.account_deleted, name="account-deleted"),
     path("login/", login, name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("signup/", signup, name="signup"),

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from chat import views
+from chat import data_views, views
 
 app_name = "chat"
 
@@ -16,5 +16,10 @@ urlpatterns = [
         "api/conversations/<int:conversation_id>/messages/",
         views.conversation_messages,
         name="conversation-messages",
+    ),
+    path(
+        "api/conversations/<int:conversation_id>/export/",
+        data_views.conversation_export,
+        name="conversation-export",
     ),
 ]

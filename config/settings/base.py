@@ -448,6 +448,8 @@ RATELIMIT_IPV6_MASK = 64
 CHAT_RATELIMIT_LOGIN = env.str("CHAT_RATELIMIT_LOGIN", default="10/m")
 CHAT_RATELIMIT_SIGNUP = env.str("CHAT_RATELIMIT_SIGNUP", default="5/h")
 CHAT_RATELIMIT_PASSWORD_RESET = env.str("CHAT_RATELIMIT_PASSWORD_RESET", default="5/h")
+# Deleting one's account asks for the password: attempts per account and per IP.
+CHAT_RATELIMIT_ACCOUNT_DELETE = env.str("CHAT_RATELIMIT_ACCOUNT_DELETE", default="5/h")
 # Daily budget per user (anonymous visitors: per IP), reset at UTC midnight.
 # Each send reserves this much before the model is called; the reply's real
 # cost replaces the reservation when it ends. Empty budget = none.
