@@ -270,8 +270,23 @@
     rename.addEventListener("click", () => startRename(li, c));
     const del = el("button", { type: "button", class: "icon delete", "aria-label": `Delete “${c.title}”` }, "✕");
     del.addEventListener("click", () => confirmDelete(c));
-    li.append(open, rename, del);
+    li.append(open, rename, exportMenu(c), del);
     return li;
+  }
+
+  function exportMenu(c) {
+    // A native disclosure: keyboard and screen readers work without script.
+    const menu = el("details", { class: "conv-export" });
+    menu.append(el("summary", { class: "icon export", "aria-label": `Download “${c.title}”` }, "⤓"));
+    const links = el("div", { class: "conv-export-menu" });
+    const base = `/api/conversations/${c.id}/export/?format=`;
+    links.append(
+      el("a", { href: base + "md", download: "", class: "export-md" }, "Markdown (.md)"),
+      el("a", { href: base + "json", download: "", class: "export-json" }, "JSON (.json)"),
+    );
+    for (const a of links.children) a.addEventListener("click", () => { menu.open = false; });
+    menu.append(links);
+    return menu;
   }
 
   function startRename(li, c) {
