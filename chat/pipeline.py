@@ -299,6 +299,16 @@ def _store_together(
                     # than answer sends that were not stored.
                     raise value
     except Exception as exc:  # nothing of these is stored
+        if isinstance(exc, IntegrityError) and len(indexes) > 1:
+            # A constraint checked at the commit (a deferred foreign key: an
+            # account deleted while one of its sockets was still open) failed
+            # the whole lot. Each of its sends goes again in a transaction of
+            # its own, so that only the one at fault fails.
+            alone: dict[int, Accepted] = {}
+            for i in indexes:
+                if outcomes[i] is None and i not in left:
+                    alone.update(_store_together(calls, [i], outcomes)[0])
+            return alone, left
         for i in indexes:
             if outcomes[i] is None and i not in left:  # stored, or never tried
                 outcomes[i] = (False, exc)

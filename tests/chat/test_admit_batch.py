@@ -411,6 +411,19 @@ def test_a_database_error_in_one_send_fails_the_whole_batch(owners, lot):
     assert Message.objects.count() == before
 
 
+def test_a_send_from_an_account_deleted_meanwhile_fails_alone(owners, django_user_model):
+    """A socket outlives its account for a moment; the rest of its batch must not pay for it."""
+    django_user_model.objects.filter(pk=owners["mallory"].user_id).delete()
+    calls = [_call(owners["alice"]), _call(owners["mallory"]), _call(owners["bob"])]
+    outcomes = pipeline._admit_all(calls)
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    stored = Message.objects.filter(role=Message.Role.USER)
+    assert sorted(m.conversation.user_id for m in stored) == sorted(
+        [owners["alice"].user_id, owners["bob"].user_id]
+    )
+    assert not Message.objects.filter(owner_key=owners["mallory"].key).exists()
+
+
 def test_new_messages_in_a_batch_are_stored_with_three_inserts(owners):
     [(ok, (earlier, _))] = pipeline._admit_all([_call(owners["alice"], "earlier")])
     assert ok
