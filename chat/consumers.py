@@ -10,7 +10,6 @@ replay hub into this socket's outbox, drained by one pump task.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import weakref
@@ -74,6 +73,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._followers: set[asyncio.Task[None]] = set()
         self._group = None
         self._session_group = None
+        self._signed_out_closing = False
         await self.accept()
         session_key = self.scope.get("session_key")
         if session_key:
@@ -84,10 +84,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 signout.join(self._session_group, self._signed_out)
         if self.owner is not None:
             if self.channel_layer is not None:
-                self._group = owner_group(self.owner)
+                # Also where a deleted account's sockets are told to close.
+                self._group = signout.owner_group(self.owner.key)
                 await self._layer("group_add", self._group, self.channel_name)
             else:
                 hub.join(self.owner.key, self._deliver)
+                if not self.owner.is_anonymous:
+                    signout.join(signout.owner_group(self.owner.key), self._signed_out)
 
     async def disconnect(self, code: int) -> None:
         if self._session_group is not None:
@@ -99,6 +102,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._layer("group_discard", self._group, self.channel_name)
         elif self.owner is not None:
             hub.leave(self.owner.key, self._deliver)
+            if not self.owner.is_anonymous:
+                signout.leave(signout.owner_group(self.owner.key), self._signed_out)
         hub.detach(self._deliver)
         for follower in self._followers:
             follower.cancel()
@@ -113,7 +118,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # Otherwise the replies run on: they are saved, and can be resumed.
 
     def _signed_out(self) -> None:
-        """Close the socket: its session signed out (called on this socket's loop)."""
+        """Close the socket: its session signed out or its account went (on this socket's loop)."""
+        if self._signed_out_closing:  # both at once: signing out follows a deletion
+            return
+        self._signed_out_closing = True
         closing = asyncio.get_running_loop().create_task(self.close(code=signout.SIGNED_OUT))
         self._followers.add(closing)  # the loop keeps only a weak reference
         closing.add_done_callback(self._followers.discard)
@@ -374,11 +382,6 @@ class _Notices:
 
 
 _notices = _Notices()
-
-
-def owner_group(owner: Owner) -> str:
-    """Return the channel-layer group of one owner's sockets (a safe, opaque name)."""
-    return "owner." + hashlib.sha256(owner.key.encode()).hexdigest()[:32]
 
 
 def stored_replay(reply: Message, after: int) -> dict[str, Any]:

@@ -5,7 +5,8 @@ this, a tab left open after its user signed out in another one went on
 chatting, resuming and rating as that user until it reconnected. Django
 sends `user_logged_out` before it forgets the session, so its key is still
 known: the sockets of that session (and only those; the user's other
-sign-ins keep theirs) are closed with code 4401.
+sign-ins keep theirs) are closed with code 4401. Deleting an account closes
+all of its sockets, whatever session opened them.
 
 In one process the sockets are found in a registry here; the view that signs
 out runs on another thread than their event loop, so each is closed through
@@ -24,6 +25,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.db import transaction
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,11 @@ _local: dict[str, list[tuple[asyncio.AbstractEventLoop, Closer]]] = {}
 def session_group(session_key: str) -> str:
     """Return the opaque name of one session's sockets (a channel-layer group name)."""
     return "session." + hashlib.sha256(session_key.encode()).hexdigest()[:32]
+
+
+def owner_group(owner_key: str) -> str:
+    """Return the opaque name of one owner's sockets, every session of theirs (a group name)."""
+    return "owner." + hashlib.sha256(owner_key.encode()).hexdigest()[:32]
 
 
 def join(group: str, close: Closer) -> None:
@@ -59,9 +66,16 @@ def leave(group: str, close: Closer) -> None:
 
 def session_ended(session_key: str) -> None:
     """Close every socket opened under this session, in this process and the others."""
-    if not session_key:
-        return
-    group = session_group(session_key)
+    if session_key:
+        _close_group(session_group(session_key))
+
+
+def account_ended(user_id: int) -> None:
+    """Close every socket of this account, whatever session opened it (it was deleted)."""
+    _close_group(owner_group(f"u:{user_id}"))
+
+
+def _close_group(group: str) -> None:
     with _lock:
         entries = _local.pop(group, [])
     for loop, close in entries:
@@ -79,6 +93,17 @@ def session_ended(session_key: str) -> None:
             async_to_sync(layer.group_send)(group, {"type": "session.ended"})
         except Exception:
             logger.warning("could not close the sockets of a signed-out session", exc_info=True)
+
+
+def on_user_deleted(sender: Any, instance: Any = None, **_: Any) -> None:
+    """The user model's `post_delete` receiver: its sockets close once the deletion is saved.
+
+    Until then a socket opened under the account goes on as its owner, and a
+    send from it would fail at the commit (its account's row is gone).
+    """
+    user_id = getattr(instance, "pk", None)
+    if user_id is not None:
+        transaction.on_commit(lambda: account_ended(user_id))
 
 
 def on_logged_out(sender: Any, request: Any = None, **_: Any) -> None:

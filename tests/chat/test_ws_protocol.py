@@ -274,3 +274,30 @@ async def test_signing_out_closes_the_sockets_of_that_session_only(ws, make_user
     await send(elsewhere, send_frame("still signed in here"))
     assert (await recv(elsewhere))["type"] == "chat.accepted"
     await recv_until_done(elsewhere)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_deleting_an_account_closes_all_its_sockets_and_no_others(
+    ws, make_user, django_user_model
+):
+    """A deleted account's tabs, in any browser, cannot go on sending as it."""
+    alice = await database_sync_to_async(make_user)("alice")
+    bob = await database_sync_to_async(make_user)("bob")
+
+    def cookie(user) -> str:
+        client = Client()
+        client.force_login(user)
+        return f"sessionid={client.cookies['sessionid'].value}"
+
+    here = await ws(await database_sync_to_async(cookie)(alice))
+    elsewhere = await ws(await database_sync_to_async(cookie)(alice))
+    other = await ws(await database_sync_to_async(cookie)(bob))
+
+    await database_sync_to_async(django_user_model.objects.filter(pk=alice.pk).delete)()
+    for socket in (here, elsewhere):
+        closed = await socket.receive_output(timeout=TIMEOUT)
+        assert closed == {"type": "websocket.close", "code": 4401}
+
+    await send(other, send_frame("bob is still here"))
+    assert (await recv(other))["type"] == "chat.accepted"
+    await recv_until_done(other)
