@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
-env = environ.Env()
+
+class _Env(environ.Env):
+    """django-environ, with list items stripped: "a, b" is ["a", "b"], not ["a", " b"]."""
+
+    def list(self, var: str, cast: Any = None, default: Any = environ.Env.NOTSET) -> list[Any]:
+        items = super().list(var, cast=cast, default=default)
+        return [i.strip() if isinstance(i, str) else i for i in items if str(i).strip()]
+
+
+env = _Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 # Where the embedded mode keeps its SQLite files, broker queue and beat schedule.
@@ -368,7 +378,10 @@ HEALTH_CACHE_ALIAS = "default"
 HEALTH_CHANNEL_LAYER_ALIAS = "default"
 MONITORING_HEALTH_REFRESH_S = env.int("MONITORING_HEALTH_REFRESH_S", default=15)
 MONITORING_RELEASE = env.str("SENTRY_RELEASE", default="") or env.str("APP_VERSION", default="")
-MONITORING_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="embedded")
+# The run mode unless named: a scaled deployment must not report itself as "embedded".
+MONITORING_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="") or (
+    "scaled" if REDIS_URL else "embedded"
+)
 # A reply still pending this long after it started has lost its process:
 # longer than the longest reply the pipeline allows, plus queueing slack.
 MONITORING_REAP_AFTER_S = env.int(
@@ -381,6 +394,14 @@ MONITORING_DRIFT_MIN_BASELINE = env.int("MONITORING_DRIFT_MIN_BASELINE", default
 # Conversations idle this many days are deleted or anonymised (0 = kept forever).
 MONITORING_RETENTION_DAYS = env.int("MONITORING_RETENTION_DAYS", default=0)
 MONITORING_RETENTION_MODE = env.str("MONITORING_RETENTION_MODE", default="delete")
+if MONITORING_RETENTION_MODE not in ("delete", "anonymise"):
+    # A typo ("anonymize") must not quietly delete what was meant to be kept.
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        f"MONITORING_RETENTION_MODE must be 'delete' or 'anonymise', "
+        f"not {MONITORING_RETENTION_MODE!r}."
+    )
 CELERY_BEAT_SCHEDULE = {
     **globals().get("CELERY_BEAT_SCHEDULE", {}),
     "monitoring-heartbeat": {"task": "monitoring.tasks.heartbeat", "schedule": 30.0},
