@@ -34,7 +34,7 @@ from django.utils import timezone
 from chat import response_cache, selectors, semantic_cache, services
 from chat.batching import Batched, Call, Outcome
 from chat.callpath import LAST_RESORT, CallOutcome, call_model, estimated_usage
-from chat.errors import BlockedInput, ChatError, Forbidden, Internal, InvalidInput
+from chat.errors import BlockedInput, ChatError, Forbidden, Internal, InvalidInput, Timeout
 from chat.models import Message
 from chat.owners import Owner
 from chat.pricing import reply_cost
@@ -594,6 +594,7 @@ class _StreamingSettings:
     context_chars: int
     first_window_tokens: int
     max_hold_s: float
+    reply_max_s: float
 
 
 @from_settings
@@ -611,6 +612,7 @@ def _streaming_settings() -> _StreamingSettings:
         context_chars=settings.CHAT_MODERATION_CONTEXT_CHARS,
         first_window_tokens=settings.CHAT_MODERATION_FIRST_WINDOW_TOKENS,
         max_hold_s=settings.CHAT_MODERATION_MAX_HOLD_MS / 1000,
+        reply_max_s=settings.CHAT_REPLY_MAX_SECONDS,
     )
 
 
@@ -713,21 +715,28 @@ async def reply_run(
                 cached_answer=_last_resort(history),
                 on_streaming=lambda progress: setattr(result, "outcome", progress),
             )
-        async with contextlib.aclosing(stream):  # closes the vendor's stream at once
-            async for event in stream:
-                if isinstance(event, CallOutcome):
-                    result.outcome = event
-                    result.cached = result.cached or event.cached
-                    if event.error is None:
-                        # All the text is in: show the last of it now, not
-                        # after the call path's bookkeeping.
-                        for safe in await gate.finish():
+        try:
+            # No reply runs longer than this, queueing, retries and fallbacks
+            # included: the reaper fails a reply still pending past it.
+            async with asyncio.timeout_at(started_at + streaming.reply_max_s):
+                async with contextlib.aclosing(stream):  # closes the vendor's stream at once
+                    async for event in stream:
+                        if isinstance(event, CallOutcome):
+                            result.outcome = event
+                            result.cached = result.cached or event.cached
+                            if event.error is None:
+                                # All the text is in: show the last of it now,
+                                # not after the call path's bookkeeping.
+                                for safe in await gate.finish():
+                                    await sender.push(safe)
+                                await sender.close(deliver=True)
+                            continue
+                        result.received += len(event)
+                        for safe in await gate.feed(event):
                             await sender.push(safe)
-                        await sender.close(deliver=True)
-                    continue
-                result.received += len(event)
-                for safe in await gate.feed(event):
-                    await sender.push(safe)
+        except TimeoutError:
+            logger.warning("reply %s ran past CHAT_REPLY_MAX_SECONDS", accepted.reply_id)
+            raise Timeout() from None
         for safe in await gate.finish():
             await sender.push(safe)
         await sender.close(deliver=True)

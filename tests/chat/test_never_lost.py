@@ -239,3 +239,28 @@ async def test_a_stopped_fallback_reply_records_the_model_that_wrote_it(
     reply = await reload(accepted["message"])
     assert reply.model == "demo:demo"
     assert [step["model"] for step in reply.call_path] == ["openai:unreachable"]
+
+
+async def test_a_reply_past_its_longest_allowed_time_ends_as_a_timeout_with_its_text(
+    ws, make_user, settings
+):
+    """No reply outlives CHAT_REPLY_MAX_SECONDS, or the reaper would fail it while it runs."""
+    settings.CHAT_DEMO_TTFT_MS = 0
+    settings.CHAT_DEMO_TPS = 20
+    settings.CHAT_DEMO_REPLY_TOKENS = 2000  # 100 s at this pace
+    settings.CHAT_REPLY_MAX_SECONDS = 0.5
+    comm = await ws(await user_cookie(make_user))
+    await send(comm, send_frame("tell me a very long story"))
+    accepted = await recv(comm)
+    frames = await recv_until_done(comm)
+
+    errors = [f for f in frames if f["type"] == "chat.error"]
+    assert [e["code"] for e in errors] == ["timeout"]
+    assert frames[-1]["type"] == "chat.done" and frames[-1]["finish_reason"] == "error"
+    shown = delta_text(frames)
+    assert shown  # the text before the deadline was delivered...
+    reply = await reload(accepted["message"])
+    # ...and stored, with the reason.
+    assert (reply.status, reply.finish_reason, reply.error_code) == ("finished", "error", "timeout")
+    assert reply.content == shown
+    assert 400 <= reply.latency_ms < 5000
