@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from chat import sql
@@ -65,22 +68,6 @@ def access_user_message(*, owner: Owner, message_id: object) -> Message:
     if message is None:
         raise NotFound("That message does not exist.")
     return message
-
-
-def conversation_list(*, owner: Owner, limit: int = 100) -> list[dict[str, Any]]:
-    rows = (
-        Conversation.objects.filter(owner.conversation_filter())
-        .order_by("-updated_at")
-        .values("id", "title", "updated_at")[:limit]
-    )
-    return [
-        {
-            "id": r["id"],
-            "title": r["title"] or "New chat",
-            "updated_at": r["updated_at"].isoformat(),
-        }
-        for r in rows
-    ]
 
 
 def conversation_messages(*, owner: Owner, conversation_id: object) -> list[dict[str, Any]]:
@@ -170,34 +157,109 @@ def done_frame_for(reply: Message) -> dict[str, Any]:
 # The page's search box holds this many characters; a longer query is cut.
 SEARCH_MAX_CHARS = 200
 
+# Conversations a page of the list holds (what the whole list held before
+# paging, so a client that never asks for more sees what it always saw).
+CONVERSATION_PAGE_SIZE = 100
 
-def conversation_search(*, owner: Owner, query: str = "", limit: int = 100) -> list[dict[str, Any]]:
-    """Return the owner's conversations, newest first, matching `query` if given.
+
+def conversation_search(
+    *,
+    owner: Owner,
+    query: str = "",
+    cursor: str = "",
+    limit: int = CONVERSATION_PAGE_SIZE,
+) -> dict[str, Any]:
+    """Return a page of the owner's conversations, newest first, matching `query` if given.
 
     A conversation matches when its title or one of its visible messages
     contains the query (case-insensitive). `titled` tells the page whether the
-    background titler has run yet, so it knows to look again shortly. Raise
-    InvalidInput for a query the input checker refuses (`_check_search_text`).
+    background titler has run yet, so it knows to look again shortly.
+
+    The list is ordered by (updated_at, id), newest first, and paged by key:
+    `next` is an opaque cursor for the page after this one (None on the last
+    page), and `cursor` asks for the page after the one that gave it. A
+    cursor is a position, not a snapshot, so a walk through the pages never
+    repeats or skips a conversation that stays put: one created or updated
+    meanwhile moves to the top, ahead of every cursor, where the first page
+    shows it. The owner filter applies to every page, so a cursor carries no
+    one else's data. Raise InvalidInput for a query the input checker
+    refuses (`_check_search_text`) or a cursor this function did not make.
     """
     from django.db.models import Q
 
     conversations = Conversation.objects.filter(owner.conversation_filter())
+    after = _check_list_cursor(cursor)
     query = _check_search_text(query)
+    if after is not None:
+        updated_at, pk = after
+        conversations = conversations.filter(
+            Q(updated_at__lt=updated_at) | Q(updated_at=updated_at, id__lt=pk)
+        )
     if query:
         conversations = conversations.filter(
             Q(title__icontains=query)
             | Q(messages__content__icontains=query, messages__superseded_at__isnull=True)
         ).distinct()
-    rows = conversations.order_by("-updated_at", "-id").values("id", "title", "updated_at")[:limit]
-    return [
-        {
-            "id": r["id"],
-            "title": r["title"] or "New chat",
-            "titled": bool(r["title"]),
-            "updated_at": r["updated_at"].isoformat(),
-        }
-        for r in rows
-    ]
+    # One more than a page tells whether there is a next one.
+    rows = list(
+        conversations.order_by("-updated_at", "-id").values("id", "title", "updated_at")[
+            : limit + 1
+        ]
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "conversations": [
+            {
+                "id": r["id"],
+                "title": r["title"] or "New chat",
+                "titled": bool(r["title"]),
+                "updated_at": r["updated_at"].isoformat(),
+            }
+            for r in rows
+        ],
+        "next": _list_cursor(rows[-1]["updated_at"], rows[-1]["id"]) if more else None,
+    }
+
+
+# A cursor is "<microseconds since the epoch>:<id>" in URL-safe base64: opaque
+# to clients (they pass it back as it came), exact to the microsecond stored.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_LATEST = datetime(9999, 12, 31, tzinfo=UTC)
+_CURSOR_MAX_CHARS = 64
+_MAX_ID = 2**63 - 1  # a bigint: a larger id would be a database error, not an empty page
+
+
+def _list_cursor(updated_at: datetime, pk: int) -> str:
+    micros = (updated_at - _EPOCH) // _MICROSECOND
+    return base64.urlsafe_b64encode(f"{micros}:{pk}".encode()).decode().rstrip("=")
+
+
+def _check_list_cursor(cursor: str) -> tuple[datetime, int] | None:
+    """Return the (updated_at, id) a cursor from `_list_cursor` holds, None for no cursor.
+
+    The cursor comes from the query string, so anything may arrive: what
+    `_list_cursor` cannot have made raises InvalidInput (a 400), never reaches
+    the database as a value it would refuse (an id past bigint, a year past
+    9999), and never becomes a 500.
+    """
+    if not cursor:
+        return None
+    refused = InvalidInput("That list position is not valid. Reload the list and try again.")
+    if len(cursor) > _CURSOR_MAX_CHARS or not re.fullmatch(r"[A-Za-z0-9_-]+", cursor):
+        raise refused
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise refused from None
+    match = re.fullmatch(r"(0|[1-9][0-9]{0,17}):([1-9][0-9]{0,18})", raw)
+    if match is None:
+        raise refused
+    micros, pk = int(match[1]), int(match[2])
+    if pk > _MAX_ID or micros > (_LATEST - _EPOCH) // _MICROSECOND:
+        raise refused
+    return _EPOCH + micros * _MICROSECOND, pk
 
 
 def _check_search_text(query: str) -> str:

@@ -82,10 +82,12 @@ def conversations(request: HttpRequest) -> JsonResponse:
     if owner is None:
         return error_response(Forbidden("Please sign in to see your conversations."))
     try:
-        found = selectors.conversation_search(owner=owner, query=request.GET.get("q", ""))
+        page = selectors.conversation_search(
+            owner=owner, query=request.GET.get("q", ""), cursor=request.GET.get("cursor", "")
+        )
     except ChatError as exc:
         return error_response(exc)
-    return JsonResponse({"conversations": found})
+    return JsonResponse(page)
 
 
 @require_http_methods(["PATCH", "DELETE"])

@@ -7,6 +7,7 @@
   const app = $("app");
   const list = $("conversation-list");
   const listEmpty = $("list-empty");
+  const moreBtn = $("list-more");
   const search = $("search");
   const messagesEl = $("messages");
   const scroller = $("scroller");
@@ -35,6 +36,9 @@
     titleTimer: 0,
     connectedOnce: false,
     views: 0,            // counts conversations opened: a slower, older load is not shown
+    listNext: null,      // the cursor of the list's next page, null on the last
+    listPages: 1,        // pages of the list shown: a reload fetches as many again
+    listLoads: 0,        // counts list loads: only the latest is shown
   };
 
   const TRANSIENT = new Set(["rate_limited", "timeout", "unavailable", "internal", "budget_exceeded"]);
@@ -236,25 +240,71 @@
 
   // ---- conversations ------------------------------------------------------
 
+  function listUrl(cursor) {
+    const params = new URLSearchParams();
+    const q = search.value.trim();
+    if (q) params.set("q", q);
+    if (cursor) params.set("cursor", cursor);
+    const qs = String(params);
+    return "/api/conversations/" + (qs ? `?${qs}` : "");
+  }
+
+  function showListEnd(next) {
+    state.listNext = next || null;  // an older server sends no `next`
+    moreBtn.hidden = !state.listNext;
+    moreBtn.disabled = false;
+  }
+
+  // The list from the top, as many pages as were shown: a fresh walk, so
+  // conversations updated meanwhile move up and none shows twice.
   async function loadConversations() {
-    let data;
+    const loading = ++state.listLoads;
+    const found = [];
+    let next = null;
     try {
-      const q = search.value.trim();
-      data = await api("GET", "/api/conversations/" + (q ? `?q=${encodeURIComponent(q)}` : ""));
+      for (let page = 0; page < state.listPages; page++) {
+        const data = await api("GET", listUrl(next));
+        found.push(...data.conversations);
+        next = data.next;
+        if (!next) break;
+      }
     } catch (e) {
       return;
     }
-    list.replaceChildren();
-    for (const c of data.conversations) list.appendChild(conversationItem(c));
-    listEmpty.hidden = data.conversations.length > 0;
+    if (loading !== state.listLoads) return;
+    list.replaceChildren(...found.map(conversationItem));
+    showListEnd(next);
+    listEmpty.hidden = found.length > 0;
     listEmpty.textContent = search.value.trim() ? "No conversations match." : "No conversations yet.";
     // Titles come from a background job shortly after the first message.
-    const current = data.conversations.find((c) => c.id === state.conversation);
+    const current = found.find((c) => c.id === state.conversation);
     clearTimeout(state.titleTimer);
     if (current && !current.titled && state.titleChecks < 5) {
       state.titleChecks += 1;
       state.titleTimer = setTimeout(loadConversations, 2000);
     }
+  }
+
+  async function showMore() {
+    const loading = ++state.listLoads;
+    state.listPages += 1;  // a reload started from now on fetches this page too
+    moreBtn.disabled = true;
+    let data;
+    try {
+      data = await api("GET", listUrl(state.listNext));
+    } catch (e) {
+      state.listPages -= 1;
+      if (loading === state.listLoads) moreBtn.disabled = false;
+      showError(e.message);
+      return;
+    }
+    if (loading !== state.listLoads) return;
+    const items = data.conversations.map(conversationItem);
+    list.append(...items);
+    showListEnd(data.next);
+    // The button may be gone: carry on from the first conversation it brought.
+    items[0]?.querySelector(".conversation").focus();
+    announce(`${items.length} more conversations.`);
   }
 
   function conversationItem(c) {
@@ -852,10 +902,12 @@
   });
 
   $("new-chat").addEventListener("click", newChat);
+  moreBtn.addEventListener("click", showMore);
 
   let searchTimer = 0;
   search.addEventListener("input", () => {
     clearTimeout(searchTimer);
+    state.listPages = 1;
     searchTimer = setTimeout(loadConversations, 200);
   });
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from tests.e2e.conftest import RunningServer, start_server, stop_server
+from tests.e2e.conftest import REPO, RunningServer, server_env, start_server, stop_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -486,6 +487,61 @@ def test_conversations_search_rename_delete_and_new_chat(ctx, browser, app):
     finally:
         other.close()
     expect(page.locator(f'.conv-item[data-id="{first}"] .conversation')).to_have_text("Our safari")
+
+
+def seed_conversations(app: RunningServer, username: str, titles: list[str]) -> None:
+    """Give the user conversations in the server's own database, older than any made here."""
+    code = (
+        "from datetime import timedelta\n"
+        "from django.contrib.auth import get_user_model\n"
+        "from django.utils import timezone\n"
+        "from chat.models import Conversation\n"
+        f"user = get_user_model().objects.get(username={username!r})\n"
+        f"made = [Conversation(user=user, title=t) for t in {titles!r}]\n"
+        "made = Conversation.objects.bulk_create(made)\n"
+        "for i, c in enumerate(made):\n"
+        "    Conversation.objects.filter(pk=c.pk).update(\n"
+        "        updated_at=timezone.now() - timedelta(days=1, minutes=i))\n"
+    )
+    subprocess.run(
+        [".venv/bin/python", "manage.py", "shell", "-c", code],
+        cwd=REPO,
+        env=server_env(app.data_dir, app.port),
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+
+
+def test_show_more_loads_the_conversations_past_the_first_hundred(ctx, app):
+    """A list longer than a page ends with a labelled "Show more" that the keyboard can
+    press; it brings the older conversations, once each, and a search pages the same way."""
+    page, _ = ctx
+    username = sign_up(page)
+    seed_conversations(app, username, [f"Older {i:03}" for i in range(130)])
+    page.goto("/")
+    items = page.locator(".conv-item .conversation")
+    expect(items).to_have_count(100)
+    more = page.get_by_role("button", name="Show more conversations")
+    expect(more).to_be_visible()
+    more.focus()
+    page.keyboard.press("Enter")
+    expect(items).to_have_count(130)
+    expect(more).to_be_hidden()
+    expect(items.nth(100)).to_be_focused()
+    titles = items.all_inner_texts()
+    assert titles == [f"Older {i:03}" for i in range(130)]
+
+    page.fill("#search", "older 0")  # exactly a page: nothing more to show
+    expect(items).to_have_count(100)
+    expect(more).to_be_hidden()
+    page.fill("#search", "older 1")
+    expect(items).to_have_count(30)
+    page.fill("#search", "older")
+    expect(items).to_have_count(100)
+    more.click()
+    expect(items).to_have_count(130)
+    expect(more).to_be_hidden()
 
 
 def test_regenerate_replaces_the_last_reply(ctx):
