@@ -570,6 +570,37 @@
     loadConversations();
   }
 
+  function giveBack(p, text) {
+    if (p.content && !p.edit && !input.value) input.value = p.content;
+    showError(text);
+    input.focus();
+  }
+
+  // A send to the conversation on screen was answered not_found. When the
+  // conversation is gone (deleted in another tab or browser), every send
+  // here would fail the same way: leave it for a new chat, with the text in
+  // the box. Not sent for them: the new chat has none of the old one's
+  // context, so whether the text still makes sense is theirs to say.
+  async function leaveDeleted(p, text) {
+    const id = p.frame.conversation;
+    let gone = false;
+    try {
+      await api("GET", `/api/conversations/${id}/messages/`);
+    } catch (e) {
+      gone = e.status === 404;
+    }
+    if (!gone || state.conversation !== id) {
+      giveBack(p, text);
+      return;
+    }
+    newChat();
+    if (p.content && !input.value) input.value = p.content;
+    const where = input.value
+      ? "Your message was not sent: it is in the box, and sending it starts a new chat."
+      : "You are in a new chat.";
+    showError(`This conversation was deleted, in another tab or browser. ${where}`);
+  }
+
   function onError(frame) {
     let text = frame.message || "Something went wrong.";
     if (frame.retry_after) text += ` You can try again in ${frame.retry_after} s.`;
@@ -581,10 +612,12 @@
       p.userEl?.remove();
       updateEmptyState();
       setBusy(false);
+      if (frame.code === "not_found" && p.frame.conversation && p.frame.conversation === state.conversation) {
+        leaveDeleted(p, text);
+        return;
+      }
       if (!TRANSIENT.has(frame.code)) {
-        if (p.content && !p.edit && !input.value) input.value = p.content;
-        showError(text);
-        input.focus();
+        giveBack(p, text);
         return;
       }
       const retry = () => {

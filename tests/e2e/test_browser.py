@@ -851,6 +851,41 @@ def test_a_resume_answered_with_an_error_ends_the_reply_and_frees_the_composer(c
     wait_reply_done(page, "stop")
 
 
+def test_a_tab_on_a_conversation_deleted_in_another_tab_moves_to_a_new_chat(ctx):
+    """Sending in a conversation deleted elsewhere says so in plain words and leaves the
+    tab in a new chat with the text in the box; sending it there works."""
+    page, _ = ctx
+    page.goto("/")
+    quick_exchange(page, f"Soon deleted elsewhere {uuid.uuid4().hex[:6]}")
+    gone = current_conversation(page)
+    other = page.context.new_page()
+    try:
+        other.goto(f"/?c={gone}")
+        other.locator(f'.conv-item[data-id="{gone}"] .delete').click()
+        other.click("#confirm-delete-button")
+        expect(other.locator(f'.conv-item[data-id="{gone}"]')).to_have_count(0)
+    finally:
+        other.close()
+
+    page.fill("#input", "Are you still there?")
+    page.press("#input", "Enter")
+    expect(page.locator("#error")).to_contain_text("This conversation was deleted")
+    expect(page.locator("#error")).to_contain_text("sending it starts a new chat")
+    expect(page.locator("#retry")).to_be_hidden()
+    expect(page.locator("#input")).to_have_value("Are you still there?")
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#empty-state")).to_be_visible()
+    expect(page).to_have_url(re.compile(r"/$"))
+    expect(page.locator(f'.conv-item[data-id="{gone}"]')).to_have_count(0)
+
+    page.press("#input", "Enter")
+    wait_reply_done(page, "stop")
+    expect(page.locator("#error")).to_be_hidden()
+    fresh = current_conversation(page)
+    assert fresh != gone
+    assert history(page, fresh)[0]["content"] == "Are you still there?"
+
+
 def test_reload_mid_reply_resumes_the_reply(ctx):
     """Reloading while a reply streams picks it up again and shows it whole."""
     page, _ = ctx
