@@ -34,6 +34,7 @@
     retry: null,         // what the Retry button does
     titleChecks: 0,
     titleTimer: 0,
+    retryTimer: 0,       // the Retry button's countdown; ends with its notice
     connectedOnce: false,
     views: 0,            // counts conversations opened: a slower, older load is not shown
     listNext: null,      // the cursor of the list's next page, null on the last
@@ -96,11 +97,26 @@
     requestAnimationFrame(() => { announcer.textContent = text; });
   }
 
-  function showError(text, retry = null) {
+  // Every notice goes through here, so a countdown cannot outlive its own.
+  function showError(text, retry = null, waitSeconds = 0) {
+    clearTimeout(state.retryTimer);
     errorText.textContent = text || "";
     errorEl.hidden = !text;
     state.retry = retry;
     retryBtn.hidden = !retry;
+    retryBtn.disabled = false;
+    retryBtn.textContent = "Retry";
+    if (retry && waitSeconds > 0) retryWhen(Date.now() + waitSeconds * 1000);
+  }
+
+  // Retry pressed before the server's retry_after would only be refused
+  // again: it stays disabled, counting down, until then.
+  function retryWhen(due) {
+    const left = Math.ceil((due - Date.now()) / 1000);
+    retryBtn.disabled = left > 0;
+    retryBtn.textContent = left > 0 ? `Retry in ${left} s` : "Retry";
+    if (left > 0) state.retryTimer = setTimeout(retryWhen, (due - Date.now()) % 1000 || 1000, due);
+    else announce("You can retry now.");
   }
 
   function csrfToken() {
@@ -626,7 +642,7 @@
           Object.assign(state.pending, { userEl: p.userEl, edit: p.edit, regenerate: p.regenerate });
         }
       };
-      showError(text, retry);
+      showError(text, retry, frame.retry_after);
       return;
     }
     const s = state.streaming;

@@ -1219,6 +1219,44 @@ def test_a_failed_reply_says_so_in_plain_words_and_retry_answers_it(browser, tmp
             stop_server(server.process)
 
 
+def test_retry_after_rate_limited_is_enabled_only_once_the_wait_is_over(browser, tmp_path):
+    """The notice says to wait N s; Retry counts down, disabled, and works when enabled."""
+    tight = {"CHAT_RATELIMIT_ANON": "1/5s", "CHAT_RATELIMIT_USER": "1/5s"}
+    server = start_server(
+        tmp_path / "data",
+        **{**LOOSE_LIMITS, **tight},
+        CHAT_DEMO_TPS="0",
+        CHAT_DEMO_REPLY_TOKENS="3",
+    )
+    context, page, watch = open_context(browser, server)
+    try:
+        page.goto("/")
+        wait_connected(page)
+        retry = page.locator("#retry")
+        # Windows are fixed, so a send may open a new one: send until one is refused.
+        for attempt in range(4):
+            page.fill("#input", f"Quick one {attempt}")
+            page.press("#input", "Enter")
+            expect(page.locator("#app")).to_have_attribute("data-streaming", "false")
+            if retry.is_visible():
+                break
+        expect(page.locator("#error")).to_contain_text("try again in")
+        replies = page.locator(".message.assistant").count()
+        expect(retry).to_be_disabled()
+        expect(retry).to_have_text(re.compile(r"^Retry in [1-5] s$"))
+
+        expect(retry).to_be_enabled(timeout=10_000)
+        expect(retry).to_have_text("Retry")
+        retry.click()
+        expect(page.locator(".message.assistant")).to_have_count(replies + 1)
+        wait_reply_done(page, "stop")
+        expect(page.locator("#error")).to_be_hidden()
+        assert watch.page_errors == []
+    finally:
+        context.close()
+        stop_server(server.process)
+
+
 def test_a_second_tab_shows_the_question_and_drops_what_an_edit_replaced(ctx):
     """The other tab follows a reply with the question it answers, and an edit made
     in one tab replaces the edited message and what followed in the other too."""
