@@ -14,12 +14,13 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import views as auth_views
-from django.http import HttpRequest, HttpResponseBase
+from django.contrib.auth.forms import AuthenticationForm
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import path
 from django_ratelimit.decorators import ratelimit
 
-from chat import data_views, views
+from chat import adopt, data_views, views
 from chat.safety.limits import parse_rate
 from monitoring import metrics
 
@@ -58,9 +59,17 @@ def rate_limited(*, scope: str, rate_setting: str, keys: tuple[str, ...]) -> Cal
     return decorate
 
 
+class LoginView(auth_views.LoginView):
+    """Django's sign-in page; the chats the visitor had before are kept (chat/adopt.py)."""
+
+    def form_valid(self, form: AuthenticationForm) -> HttpResponse:
+        adopt.login_keeping_chats(self.request, form.get_user())
+        return HttpResponseRedirect(self.get_success_url())
+
+
 login = rate_limited(
     scope="login", rate_setting="CHAT_RATELIMIT_LOGIN", keys=("ip", "post:username")
-)(auth_views.LoginView.as_view())
+)(LoginView.as_view())
 signup = rate_limited(scope="signup", rate_setting="CHAT_RATELIMIT_SIGNUP", keys=("ip",))(
     views.signup
 )

@@ -89,8 +89,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self._layer("group_add", self._group, self.channel_name)
             else:
                 hub.join(self.owner.key, self._deliver)
-                if not self.owner.is_anonymous:
-                    signout.join(signout.owner_group(self.owner.key), self._signed_out)
+                # An anonymous owner is its session: closed when it signs in.
+                signout.join(signout.owner_group(self.owner.key), self._signed_out)
 
     async def disconnect(self, code: int) -> None:
         if self._session_group is not None:
@@ -102,8 +102,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._layer("group_discard", self._group, self.channel_name)
         elif self.owner is not None:
             hub.leave(self.owner.key, self._deliver)
-            if not self.owner.is_anonymous:
-                signout.leave(signout.owner_group(self.owner.key), self._signed_out)
+            signout.leave(signout.owner_group(self.owner.key), self._signed_out)
         hub.detach(self._deliver)
         for follower in self._followers:
             follower.cancel()
@@ -117,17 +116,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await asyncio.wait(tasks, timeout=_STORE_GRACE_SECONDS)
         # Otherwise the replies run on: they are saved, and can be resumed.
 
-    def _signed_out(self) -> None:
-        """Close the socket: its session signed out or its account went (on this socket's loop)."""
+    def _signed_out(self, code: int = signout.SIGNED_OUT) -> None:
+        """Close the socket: its session ended or its account went (on this socket's loop).
+
+        `code` says which: SIGNED_OUT (the page stops) or SIGNED_IN (it reconnects).
+        """
         if self._signed_out_closing:  # both at once: signing out follows a deletion
             return
         self._signed_out_closing = True
-        closing = asyncio.get_running_loop().create_task(self.close(code=signout.SIGNED_OUT))
+        closing = asyncio.get_running_loop().create_task(self.close(code=code))
         self._followers.add(closing)  # the loop keeps only a weak reference
         closing.add_done_callback(self._followers.discard)
 
     async def session_ended(self, event: dict[str, Any]) -> None:
-        await self.close(code=signout.SIGNED_OUT)
+        # A process of an older release sends no code: it meant signed out.
+        code = event.get("code", signout.SIGNED_OUT)
+        await self.close(code=code if code in signout.CLOSE_CODES else signout.SIGNED_OUT)
 
     async def send_json(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=_FRAME_ENCODER.encode(frame))

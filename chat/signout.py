@@ -8,6 +8,12 @@ known: the sockets of that session (and only those; the user's other
 sign-ins keep theirs) are closed with code 4401. Deleting an account closes
 all of its sockets, whatever session opened them.
 
+Signing in ends the session it began in the other way: Django gives the
+session a new key, and the anonymous visitor's chats become the account's
+(chat/adopt.py). The sockets still open under the old key would go on as
+the anonymous owner, which no longer owns anything; they are closed with
+code 4402 instead, which the page answers by reconnecting, as the account.
+
 In one process the sockets are found in a registry here; the view that signs
 out runs on another thread than their event loop, so each is closed through
 its own loop. With Redis they join a channel-layer group per session, which
@@ -27,12 +33,18 @@ from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import transaction
 
+from chat.owners import Owner
+
 logger = logging.getLogger(__name__)
 
 # The WebSocket close code of a socket whose session signed out.
 SIGNED_OUT = 4401
+# ... and of one whose session signed in (under a new key): reconnect.
+SIGNED_IN = 4402
+CLOSE_CODES = frozenset({SIGNED_OUT, SIGNED_IN})
 
-Closer = Callable[[], None]
+# Called on the socket's own event loop with the close code.
+Closer = Callable[[int], None]
 
 _lock = threading.Lock()
 _local: dict[str, list[tuple[asyncio.AbstractEventLoop, Closer]]] = {}
@@ -49,7 +61,7 @@ def owner_group(owner_key: str) -> str:
 
 
 def join(group: str, close: Closer) -> None:
-    """Close this socket (`close` runs on the calling event loop) when its session signs out."""
+    """Close this socket (`close(code)` runs on the calling event loop) when its session ends."""
     entry = (asyncio.get_running_loop(), close)
     with _lock:
         _local.setdefault(group, []).append(entry)
@@ -67,20 +79,32 @@ def leave(group: str, close: Closer) -> None:
 def session_ended(session_key: str) -> None:
     """Close every socket opened under this session, in this process and the others."""
     if session_key:
-        _close_group(session_group(session_key))
+        _close_group(session_group(session_key), code=SIGNED_OUT)
+
+
+def session_rekeyed(session_key: str) -> None:
+    """Close every socket opened under this session key, which a sign-in replaced.
+
+    Both kinds: an anonymous visitor's (their owner is the session) and a
+    signed-in one's (signing in as someone else replaces the session too).
+    """
+    if session_key:
+        anonymous = Owner(user_id=None, session_key=session_key)
+        _close_group(owner_group(anonymous.key), code=SIGNED_IN)
+        _close_group(session_group(session_key), code=SIGNED_IN)
 
 
 def account_ended(user_id: int) -> None:
     """Close every socket of this account, whatever session opened it (it was deleted)."""
-    _close_group(owner_group(f"u:{user_id}"))
+    _close_group(owner_group(f"u:{user_id}"), code=SIGNED_OUT)
 
 
-def _close_group(group: str) -> None:
+def _close_group(group: str, *, code: int) -> None:
     with _lock:
         entries = _local.pop(group, [])
     for loop, close in entries:
         try:
-            loop.call_soon_threadsafe(close)
+            loop.call_soon_threadsafe(close, code)
         except RuntimeError:  # that loop has closed, and its sockets with it
             continue
     if settings.REDIS_URL:
@@ -90,9 +114,9 @@ def _close_group(group: str) -> None:
         if layer is None:
             return
         try:
-            async_to_sync(layer.group_send)(group, {"type": "session.ended"})
+            async_to_sync(layer.group_send)(group, {"type": "session.ended", "code": code})
         except Exception:
-            logger.warning("could not close the sockets of a signed-out session", exc_info=True)
+            logger.warning("could not close the sockets of an ended session", exc_info=True)
 
 
 def on_user_deleted(sender: Any, instance: Any = None, **_: Any) -> None:

@@ -4,14 +4,13 @@ import json
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth import login
 from django.contrib.auth.forms import UserCreationForm
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET, require_http_methods
 
-from chat import selectors, services
+from chat import adopt, selectors, services
 from chat.errors import ChatError, Forbidden, InvalidInput
 from chat.owners import Owner
 from chat.safety.errors import InvalidInput as TextRefused
@@ -157,6 +156,9 @@ def signup(request: HttpRequest) -> HttpResponse:
     form: UserCreationForm[Any] = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        # The chats they had before signing up are kept (chat/adopt.py).
+        adopt.login_keeping_chats(
+            request, user, backend="django.contrib.auth.backends.ModelBackend"
+        )
         return redirect("chat:index")
     return render(request, "registration/signup.html", {"form": form})
