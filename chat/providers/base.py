@@ -91,9 +91,10 @@ def kind_for_status(status: int) -> str:
         return "timeout"
     if status == 429:
         return "rate_limited"
-    if status == 409 or status >= 500:
-        # 409 is a lock/conflict timeout upstream, 529 Anthropic's "overloaded":
-        # both are worth a retry.
+    if status in (409, 424) or status >= 500:
+        # 409 is a lock/conflict timeout upstream, 424 text-generation-
+        # inference's failed generation (out of memory among others), 529
+        # Anthropic's "overloaded": all worth a retry.
         return "server"
     if status in (401, 403):
         return "auth"

@@ -216,3 +216,33 @@ async def test_out_of_memory_mid_reply_ends_it_with_the_text_kept(
     )
     assert reply.call_path == [failed_attempt(model, None, delivered=True)]
     assert len(wired.requests) == 1  # no silent restart, no fallback after text was shown
+
+
+async def test_a_failed_generation_of_text_generation_inference_is_retried_like_a_5xx(
+    ws, make_user, wired, clock, settings
+):
+    """TGI answers 424 for any failure during generation, not only running out of memory."""
+    settings.CHAT_MODEL = PRIMARY
+    wired.script(
+        [
+            Fault.status(
+                424,
+                body={
+                    "error": "Request failed during generation: Server error: "
+                    "Unexpected <class 'RuntimeError'>: shape mismatch",
+                    "error_type": "generation",
+                },
+            )
+        ]
+    )
+    comm = await ws(await cookie_for(make_user))
+    accepted = await ask(comm)
+    frames = await recv_until_done(comm)
+
+    assert errors_in(frames) == [] and delta_text(frames) == reply_text(20)
+    assert len(wired.requests) == 2
+    reply = await reload(accepted["message"])
+    assert reply.call_path == [
+        failed_attempt(PRIMARY, 424, waited_s=0.5),
+        {"model": PRIMARY, "outcome": "ok"},
+    ]
