@@ -373,6 +373,7 @@ def account_delete(*, user_id: int) -> Deleted:
     is gone, or (anonymise) finished here as stopped, and a reply's final
     store only updates a pending row.
     """
+    from chat.replay import hub
     from monitoring.models import DailyUserSpend
     from monitoring.services import conversations_retire
 
@@ -385,7 +386,14 @@ def account_delete(*, user_id: int) -> Deleted:
         if user is None:
             return Deleted(conversations=0, mode=mode)
         ids = list(Conversation.objects.filter(user_id=user_id).values_list("pk", flat=True))
-        Message.objects.filter(conversation_id__in=ids, status=Message.Status.PENDING).update(
+        pending = Message.objects.filter(conversation_id__in=ids, status=Message.Status.PENDING)
+        # Replies still being written are stopped once the deletion is saved,
+        # as when one conversation is deleted: the model must not go on
+        # writing (and billing) text for an account that is gone.
+        running = list(pending.filter(role=Message.Role.ASSISTANT).values_list("pk", flat=True))
+        if running:
+            transaction.on_commit(lambda: hub.stop_from_thread(running), robust=True)
+        pending.update(
             status=Message.Status.FINISHED,
             finish_reason=Message.FinishReason.CANCELLED,
             finished_at=timezone.now(),

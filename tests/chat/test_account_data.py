@@ -442,8 +442,8 @@ async def test_a_reply_streaming_while_the_account_goes_stores_nothing_back(
     from chat.replay import hub
 
     task = hub.running_task(accepted["message"])
-    if task is not None:
-        await asyncio.wait_for(asyncio.shield(task), timeout=20)
+    if task is not None:  # stopped by the deletion: it ends cancelled
+        await asyncio.wait({task}, timeout=20)
 
     def stored() -> list[tuple[str, str]]:
         return list(
@@ -464,3 +464,39 @@ async def test_a_reply_streaming_while_the_account_goes_stores_nothing_back(
         "feedback": 0,
         "spend": 0,
     }
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_deleting_the_account_stops_the_reply_it_was_being_written(ws, alice, settings):
+    """The model is not left writing (and billing) a reply for an account that is gone."""
+    from chat.replay import hub
+    from tests.monitoring.helpers import TOKEN, scrape, value
+
+    settings.METRICS_TOKEN = TOKEN
+    settings.CHAT_DEMO_TPS = 5
+    settings.CHAT_DEMO_REPLY_TOKENS = 50
+    client = await database_sync_to_async(client_for)(alice)
+    comm = await ws(f"sessionid={client.cookies['sessionid'].value}")
+    await send(comm, send_frame("a long answer, please"))
+    accepted = await recv(comm)
+    assert accepted["type"] == "chat.accepted", accepted
+    assert (await recv(comm))["type"] == "chat.delta"
+    before = await database_sync_to_async(scrape)()
+
+    deleted = await database_sync_to_async(client.post)(DELETE, {"password": PASSWORD})
+    assert deleted.status_code == 302
+    while (output := await comm.receive_output(timeout=10))["type"] == "websocket.send":
+        pass
+    assert output == {"type": "websocket.close", "code": 4401}
+    task = hub.running_task(accepted["message"])
+    if task is not None:
+        done, _ = await asyncio.wait({task}, timeout=30)
+        assert done, "the reply is still being written"
+    after = await database_sync_to_async(scrape)()
+
+    def counted(outcome: str) -> float:
+        return value(after, "ai_requests_total", model="demo:demo", outcome=outcome) - value(
+            before, "ai_requests_total", model="demo:demo", outcome=outcome
+        )
+
+    assert (counted("cancelled"), counted("stop")) == (1, 0)
