@@ -36,7 +36,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from django.contrib.auth import SESSION_KEY, login
+from django.contrib.auth import SESSION_KEY, get_user, login
 from django.db import transaction
 from django.http import HttpRequest
 
@@ -67,7 +67,15 @@ def anonymous_session_key(request: HttpRequest) -> str | None:
     session = request.session
     # Asking about its contents loads it: a key with no stored session
     # (forged, expired, deleted) is forgotten, and session_key is then None.
-    if SESSION_KEY in session:
+    names_a_user = SESSION_KEY in session
+    # Anonymous is what the request was served as (chat.views.owner_of), not
+    # whether the session names a user: one whose account was deleted
+    # elsewhere or deactivated still names it, and its visitor has chatted
+    # anonymously since, under this session.
+    user = getattr(request, "user", None)
+    if user is None:
+        user = get_user(request) if names_a_user else None
+    if user is not None and user.is_authenticated:
         return None
     return session.session_key or None
 

@@ -129,6 +129,37 @@ def test_signing_in_keeps_the_anonymous_chats_and_ratings_with_the_account(make_
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("ended", ["deleted elsewhere", "deactivated by staff"])
+def test_chats_after_the_previous_account_ended_are_kept_at_the_next_sign_in(make_user, ended):
+    """A browser whose account went on as an anonymous visitor: its chats are theirs to keep.
+
+    Its session still names the account that ended (Django keeps the stale
+    user id; the visitor is anonymous all the same), so it is an anonymous
+    session, and the page said so while they chatted.
+    """
+    alice, bob = make_user("alice"), make_user("bob")
+    browser = Client(raise_request_exception=True)
+    assert sign_in(browser, "alice") == 302
+    if ended == "deleted elsewhere":
+        elsewhere = Client()
+        elsewhere.force_login(alice)
+        gone = elsewhere.post("/accounts/data/delete/", {"password": PASSWORD})
+        assert gone.status_code == 302
+    else:
+        alice.is_active = False
+        alice.save()
+    assert browser.get("/").status_code == 200  # anonymous chat is allowed
+    mine, reply = chat(owner_of(browser), "What is a roux?")
+    rate(browser, reply, 1)
+    assert listed(browser) == [mine]
+
+    assert sign_in(browser, "bob") == 302
+    assert listed(browser) == [mine]
+    assert ratings(browser, mine) == {reply: 1}
+    assert Conversation.objects.get(pk=mine).user_id == bob.pk
+
+
+@pytest.mark.django_db
 def test_signing_up_keeps_the_anonymous_chats(django_user_model):
     browser = visitor()
     mine, reply = chat(owner_of(browser), "Plan a trip to Lyon")
