@@ -37,6 +37,7 @@
     retryTimer: 0,       // the Retry button's countdown; ends with its notice
     connectedOnce: false,
     views: 0,            // counts conversations opened: a slower, older load is not shown
+    refreshes: 0,        // counts refreshes of the one on screen: only the latest is shown
     listNext: null,      // the cursor of the list's next page, null on the last
     listPages: 1,        // pages of the list shown: a reload fetches as many again
     listLoads: 0,        // counts list loads: only the latest is shown
@@ -449,7 +450,9 @@
   // as the history has it (its question, and without what an edit or a
   // regeneration there replaced), and follow the reply.
   async function followOtherTab(id) {
-    const refreshing = ++state.views;
+    // Not a new view: a conversation the user opens meanwhile must still show.
+    const view = state.views;
+    const refreshing = ++state.refreshes;
     let data;
     try {
       data = await api("GET", `/api/conversations/${id}/messages/`);
@@ -457,7 +460,8 @@
       return;
     }
     const idle = !state.streaming && !state.pending && !messagesEl.querySelector(".edit-box");
-    if (refreshing !== state.views || state.conversation !== id || !idle) return;
+    if (view !== state.views || refreshing !== state.refreshes) return;
+    if (state.conversation !== id || !idle) return;
     const nearBottom = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 120;
     showHistory(data.messages);
     if (nearBottom) scrollToEnd();

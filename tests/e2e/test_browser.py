@@ -1257,6 +1257,42 @@ def test_retry_after_rate_limited_is_enabled_only_once_the_wait_is_over(browser,
         stop_server(server.process)
 
 
+def test_a_conversation_opened_while_another_tab_starts_a_reply_still_opens(ctx):
+    """Following another tab's reply must not swallow the conversation the user just clicked."""
+    page, _ = ctx
+    page.goto("/")
+    quick_exchange(page, f"The one to open {uuid.uuid4().hex[:6]}")
+    target = current_conversation(page)
+    page.click("#new-chat")
+    quick_exchange(page, f"The one on screen {uuid.uuid4().hex[:6]}")
+    on_screen = current_conversation(page)
+    other = page.context.new_page()
+    held: list[Any] = []
+    try:
+        other.goto(f"/?c={on_screen}")
+        wait_connected(other)
+        expect(other.locator(".message")).to_have_count(2)
+        # The click's request is held until the other tab's reply has begun
+        # and this page has refreshed the conversation on screen for it.
+        page.route(f"**/api/conversations/{target}/messages/", lambda route: held.append(route))
+        with page.expect_request(f"**/api/conversations/{target}/messages/"):
+            page.click(f'.conv-item[data-id="{target}"] .conversation')
+        page.evaluate("1")  # one more round trip: the route's handler has run
+        assert len(held) == 1
+        with page.expect_response(f"**/api/conversations/{on_screen}/messages/"):
+            send(other, "A reply begun in the other tab")
+        held.pop().continue_()
+        page.wait_for_url(re.compile(rf"[?&]c={target}\b"))
+        expect(page.locator(".message.user .content")).to_have_text([re.compile("The one to open")])
+        other.click("#stop")
+        wait_reply_done(other, "cancelled")
+    finally:
+        page.unroute(f"**/api/conversations/{target}/messages/")
+        for route in held:
+            route.continue_()
+        other.close()
+
+
 def test_a_second_tab_shows_the_question_and_drops_what_an_edit_replaced(ctx):
     """The other tab follows a reply with the question it answers, and an edit made
     in one tab replaces the edited message and what followed in the other too."""
