@@ -136,7 +136,8 @@ if REDIS_URL:
     }
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # Waits out a Redis outage rather than closing every socket.
+            "BACKEND": "config.channel_layer.SteadyRedisChannelLayer",
             "CONFIG": {"hosts": [REDIS_URL], "prefix": "chat:layer"},
         }
     }
