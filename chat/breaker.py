@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Iterator
 
 from asgiref.sync import sync_to_async
@@ -225,7 +226,15 @@ async def acheck_allowed(*, model: str, now: float) -> tuple[bool, str]:
     if await _after_trip_in_flight(model) and _trusted_closed.get(model, -math.inf) > now:
         return True, CLOSED
     with _trip(model):
-        allowed, state = await _check_in_thread(model=model, now=now)
+        try:
+            allowed, state = await _check_in_thread(model=model, now=now)
+        except Exception as exc:
+            # The shared state cannot be read (Redis down): the model is
+            # called, as a closed breaker would let it, and the cache is
+            # asked again a second later rather than by every reply. Its
+            # retries and fallbacks still handle a model that fails.
+            _store_down("check", exc)
+            allowed, state = True, CLOSED
     if state == CLOSED:
         _trusted_closed[model] = now + LOCAL_TRUST_S
     return allowed, state
@@ -263,6 +272,24 @@ async def _after_trip_in_flight(model: str) -> bool:
         return False
     await asyncio.shield(done)
     return True
+
+
+# Monotonic time of this process's last warning that the shared state failed.
+_warned_at = -math.inf
+_WARN_EVERY_S = 30.0
+
+
+def _store_down(what: str, exc: Exception) -> None:
+    """Log, at most every _WARN_EVERY_S per process, that the breaker's store failed."""
+    global _warned_at
+    now = time.monotonic()
+    if now - _warned_at >= _WARN_EVERY_S:
+        _warned_at = now
+        logger.warning(
+            "circuit breaker state unavailable (%s, on %s): calls go through as if closed",
+            type(exc).__name__,
+            what,
+        )
 
 
 # Successes while the breaker is trusted closed and this process has seen no
@@ -317,7 +344,12 @@ async def arecord_result(*, model: str, ok: bool, now: float) -> str:
     else:
         _failed_since_success.add(model)
     with _trip(model):
-        state = await _record_in_thread(_take_pending(model), model, ok, now)
+        try:
+            state = await _record_in_thread(_take_pending(model), model, ok, now)
+        except Exception as exc:
+            # Not counted: the reply's own outcome does not depend on it.
+            _store_down("count", exc)
+            state = CLOSED
     if ok and state == CLOSED:
         # Just seen closed: trusted as acheck_allowed trusts it, so the next
         # second's successes are batched. Without this, replies that outlive

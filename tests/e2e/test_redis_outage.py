@@ -185,3 +185,23 @@ async def test_a_reply_streams_on_to_its_end_while_redis_is_down(redis_up):
     stored = stored_reply(a, cookie, accepted["conversation"])
     assert stored["finish_reason"] == "stop"
     assert stored["content"] == "".join(f["text"] for f in shown)
+
+
+async def test_a_message_sent_while_redis_is_down_is_answered(redis_up):
+    """Chat keeps working while Redis is down (decision 0004: rate limits fall
+    back to each process). The circuit breaker's shared state, read before each
+    model call, raised instead: every message sent during the outage got
+    `internal` and no reply. It is now called as if the breaker were closed."""
+    redis, _, b = redis_up
+    client = signed_up_client(b, f"outage-{uuid.uuid4().hex[:6]}")
+    cookie = cookie_header(client)
+    redis.kill()
+    async with connect(b, cookie) as socket:
+        accepted = await send(socket, "Anyone there")
+        frames = await until_done(socket)
+    assert not [f for f in frames if f["type"] == "chat.error"], frames
+    assert frames[-1]["finish_reason"] == "stop", frames[-1]
+    shown = [f for f in frames if f["type"] == "chat.delta"]
+    stored = stored_reply(b, cookie, accepted["conversation"])
+    assert stored["finish_reason"] == "stop"
+    assert stored["content"] == "".join(f["text"] for f in shown)
