@@ -285,6 +285,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         followed = await self._follow(reply.pk, after, wait_for_stream=False)
         if followed is not None and followed.outcome == "done":
             return
+        # "gapped": it ended, but Redis lost part of its stream; the stored
+        # text, sent below, is the whole of it.
         fresh = await database_sync_to_async(Message.objects.get)(pk=reply.pk)
         if fresh.status == Message.Status.PENDING and followed is not None:
             if followed.outcome == "absent" and settings.REDIS_URL:

@@ -52,9 +52,11 @@ class Followed:
     """How following a reply on another process ended.
 
     `outcome` is "done" (its chat.done was handed over), "absent" (no
-    process keeps its stream) or "interrupted" (the process writing it is
+    process keeps its stream), "interrupted" (the process writing it is
     gone; `text` is every delta its stream holds, `last_seq` the last seq
-    handed over).
+    handed over) or "gapped" (it ended, but its stream lacks deltas the
+    client needs, as after Redis came back empty: its chat.done was not
+    handed over, and the stored text should be sent instead).
     """
 
     outcome: str
@@ -232,11 +234,18 @@ class ReplayHub:
         writer: str | None = None
         texts: dict[int, str] = {}
         last_seq = after
+        # Set once the stream skips a seq the client has not had: Redis lost
+        # part of it (restarted empty, or a flush failed). Deltas after the
+        # hole are not sent, so the page never shows a text with a hole in it.
+        gapped = False
         heard_at = time.monotonic()
 
         def interrupted() -> Followed:
-            text = "".join(texts[s] for s in sorted(texts))
-            return Followed("interrupted", text=text, last_seq=last_seq)
+            # The text up to the stream's first hole, if it has one.
+            held: list[str] = []
+            while len(held) + 1 in texts:
+                held.append(texts[len(held) + 1])
+            return Followed("interrupted", text="".join(held), last_seq=last_seq)
 
         while True:
             batches = await redis.xread({key: last_id}, block=quiet_ms, count=500)
@@ -255,6 +264,8 @@ class ReplayHub:
             for entry_id, fields in batches[0][1]:
                 last_id = entry_id
                 if b"done" in fields:
+                    if gapped:
+                        return Followed("gapped", last_seq=after)
                     listener(json.loads(fields[b"done"]))
                     return Followed("done", last_seq=last_seq)
                 if b"writer" in fields:
@@ -262,7 +273,9 @@ class ReplayHub:
                     continue
                 seq = int(fields[b"seq"])
                 texts[seq] = fields[b"text"].decode()
-                if seq > last_seq:
+                if seq > last_seq + 1:
+                    gapped = True
+                if seq > last_seq and not gapped:
                     last_seq = seq
                     listener(
                         {

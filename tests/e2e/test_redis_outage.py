@@ -205,3 +205,41 @@ async def test_a_message_sent_while_redis_is_down_is_answered(redis_up):
     stored = stored_reply(b, cookie, accepted["conversation"])
     assert stored["finish_reason"] == "stop"
     assert stored["content"] == "".join(f["text"] for f in shown)
+
+
+async def test_a_resume_after_redis_came_back_empty_shows_the_whole_reply(redis_up):
+    """Redis restarted without its data (persistence is optional, docs/deploy.md)
+    mid-reply: the reply's stream then lacks every delta from before the restart
+    and during the outage. A resume on another process replayed what was left
+    as if it followed on, so the page showed the reply with a hole in it. The
+    follower now notices the skipped seq and, when the reply ends, sends the
+    stored text whole (`replace: true`)."""
+    redis, a, b = redis_up
+    client = signed_up_client(a, f"hole-{uuid.uuid4().hex[:6]}")
+    cookie = cookie_header(client)
+    async with connect(a, cookie) as on_a:
+        accepted = await send(on_a, "Mind the gap")
+        seen = await deltas(on_a, 2)
+        redis.kill()
+        await deltas(on_a, 2)  # written while Redis is down: lost to the stream
+        redis.start()  # empty
+        await deltas(on_a, 2)  # the stream now starts here
+        async with connect(b, cookie) as on_b:
+            await on_b.send(
+                json.dumps(
+                    {
+                        "type": "chat.resume",
+                        "message": accepted["message"],
+                        "after": seen[-1]["seq"],
+                    }
+                )
+            )
+            rest = await until_done(on_b)
+    assert rest[-1]["finish_reason"] == "stop", rest[-1]
+    live = [f for f in rest if f["type"] == "chat.delta" and not f.get("replace")]
+    assert [f["seq"] for f in live] == list(range(3, len(live) + 3)), "a seq was skipped"
+    shown = "".join(f["text"] for f in seen + live)
+    whole = [f for f in rest if f.get("replace")]
+    if whole:
+        shown = whole[-1]["text"]
+    assert shown == stored_reply(b, cookie, accepted["conversation"])["content"]
