@@ -22,7 +22,7 @@ from channels.layers import DEFAULT_CHANNEL_LAYER
 from django.conf import settings
 
 from chat import pipeline, protocol, selectors, signout
-from chat.errors import ChatError, Internal, InvalidInput, NotFound
+from chat.errors import ChatError, Internal, InvalidInput, NotFound, outage_error
 from chat.models import Message
 from chat.owners import Owner
 from chat.replay import Followed, hub
@@ -173,6 +173,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except ChatError as exc:
             await self.send_json(exc.frame(client_msg_id=client_msg_id))
         except Exception as exc:
+            outage = outage_error(exc)
+            if outage is not None:
+                logger.warning(
+                    "chat frame failed: a service is unreachable (%s)", type(exc).__name__
+                )
+                await self.send_json(outage.frame(client_msg_id=client_msg_id))
+                return
             logger.exception("chat frame failed")
             capture_exception(exc)
             await self.send_json(Internal().frame(client_msg_id=client_msg_id))

@@ -82,3 +82,30 @@ class Forbidden(ChatError):
 
 class Internal(ChatError):
     code = "internal"
+
+
+# Seconds a user is asked to wait when a backing service is unreachable.
+OUTAGE_RETRY_AFTER_S = 5.0
+
+
+def outage_error(exc: BaseException) -> Unavailable | None:
+    """Return what the user is told when `exc` says the database or Redis cannot be reached.
+
+    A frame that fails because PostgreSQL or Redis is down (stopped, failing
+    over, restarting) is `unavailable` with a `retry_after`, not `internal`:
+    the user can retry (a send with its same `client_msg_id` is answered once),
+    and the operator's Sentry is not flooded with one event per frame. Other
+    failures return None.
+    """
+    from django.db import InterfaceError, OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    if isinstance(
+        exc, OperationalError | InterfaceError | RedisConnectionError | RedisTimeoutError
+    ):
+        return Unavailable(
+            "The service is briefly unavailable. Please try again shortly.",
+            retry_after=OUTAGE_RETRY_AFTER_S,
+        )
+    return None

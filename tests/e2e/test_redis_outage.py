@@ -243,3 +243,28 @@ async def test_a_resume_after_redis_came_back_empty_shows_the_whole_reply(redis_
     if whole:
         shown = whole[-1]["text"]
     assert shown == stored_reply(b, cookie, accepted["conversation"])["content"]
+
+
+async def test_stop_from_another_process_while_redis_is_down_says_unavailable(redis_up):
+    """Stop reaches another process's reply through Redis. While Redis is down
+    it cannot, and the user was told `internal` ("Something went wrong on our
+    side"), with an error report per click; a send while the database is down
+    was answered the same way. Both are now `unavailable` with `retry_after`:
+    a service is down, try again shortly. The reply itself runs on and is
+    stored."""
+    redis, a, b = redis_up
+    client = signed_up_client(a, f"halt-{uuid.uuid4().hex[:6]}")
+    cookie = cookie_header(client)
+    async with connect(a, cookie) as on_a, connect(b, cookie) as on_b:
+        accepted = await send(on_a, "Stop me if you can")
+        await deltas(on_a, 1)
+        redis.kill()
+        await on_b.send(json.dumps({"type": "chat.stop", "message": accepted["message"]}))
+        refused = await recv(on_b)
+        while refused["type"] == "chat.started":
+            refused = await recv(on_b)
+        rest = await until_done(on_a)
+    assert refused["type"] == "chat.error", refused
+    assert refused["code"] == "unavailable", refused
+    assert refused["retry_after"] >= 1
+    assert rest[-1]["finish_reason"] == "stop"
