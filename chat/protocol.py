@@ -50,9 +50,20 @@ def _int_field(frame: dict[str, Any], name: str, *, required: bool = True) -> in
 
 
 def client_msg_id_of(frame: dict[str, Any]) -> str | None:
-    """Return the frame's client_msg_id for echoing in errors, if it is sane."""
+    """Return the frame's client_msg_id for echoing in errors, if it is sane.
+
+    JSON's \\ud800 escapes decode to lone surrogates, which no frame can carry
+    (a server writes UTF-8, and the send would raise and drop the socket), so
+    such an id is not echoed.
+    """
     value = frame.get("client_msg_id")
-    return value if isinstance(value, str) and len(value) <= 64 else None
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def parse_send(frame: dict[str, Any]) -> SendRequest:
