@@ -192,7 +192,10 @@ class ReplayHub:
         """Replay deltas after `after` to `listener` and keep it posted; False if unknown here.
 
         Everything happens without an await, so no delta can slip between the
-        backlog and the live feed.
+        backlog and the live feed. A listener already posted gets the backlog
+        it asked for again but stays posted once: each resume added it anew,
+        so k resumes sent every later delta k times, and a client's small
+        frames could grow the list without bound.
         """
         buffer = self._buffers.get(reply_id)
         if buffer is None:
@@ -201,7 +204,7 @@ class ReplayHub:
             listener(buffer.delta(seq))
         if buffer.done is not None:
             listener(buffer.done)
-        else:
+        elif listener not in buffer.listeners:
             buffer.listeners.append(listener)
         return True
 

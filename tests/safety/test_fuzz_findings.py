@@ -59,3 +59,35 @@ async def test_an_error_page_for_an_unreadable_body_is_not_a_500(host, path, exp
     status, _headers, body = await asgi_http("POST", path, b"", headers, b"{}")
     assert status == expected, (status, body[:200])
     assert b"Traceback" not in body
+
+
+async def test_resuming_a_running_reply_again_does_not_double_its_feed(ws, make_user, settings):
+    # Each chat.resume of a running reply added the socket to its listeners
+    # once more: k resumes made every later delta and the chat.done arrive k
+    # times, and a client could grow the list (and the frames sent per
+    # delta) without bound with small frames.
+    settings.CHAT_DEMO_TPS = 40.0
+    settings.CHAT_DEMO_REPLY_TOKENS = 40
+    cookie = await cookie_for(make_user)
+    writer, reader = await ws(cookie), await ws(cookie)
+    await send(writer, send_frame("a long answer please"))
+    accepted = await recv(writer)
+    assert accepted["type"] == "chat.accepted"
+    resumes = 5
+    for _ in range(resumes):
+        await send(reader, {"type": "chat.resume", "message": accepted["message"], "after": 0})
+    frames = []
+    while True:
+        frame = await recv(reader)
+        if frame["type"] == "chat.started":
+            continue
+        assert frame["message"] == accepted["message"], frame
+        frames.append(frame)
+        if frame["type"] == "chat.done":
+            break
+    assert frame["finish_reason"] == "stop"
+    # Only the replayed backlogs may repeat a delta; the live feed comes once.
+    seqs = [f["seq"] for f in frames if f["type"] == "chat.delta"]
+    assert seqs.count(max(seqs)) == 1, seqs
+    assert all(seqs.count(s) <= resumes for s in set(seqs)), seqs
+    assert await reader.receive_nothing(timeout=0.1)
