@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib import import_module
 from typing import Any
+from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -55,3 +56,33 @@ class SessionUserMiddleware:
         if owner is not None and not owner.is_anonymous:
             session_key = parse_cookie(cookie).get(settings.SESSION_COOKIE_NAME, "")
         return await self.inner(dict(scope, owner=owner, session_key=session_key), receive, send)
+
+
+class RefuseUnreadableOrigin:
+    """Refuse a handshake whose Origin header cannot be parsed as a URL.
+
+    Channels' origin check parses it with `urlparse`, which raises ValueError
+    for an IPv6 bracket left open ("http://[::1"): the handshake crashed the
+    application, an exception logged per attempt, instead of being refused.
+    """
+
+    def __init__(self, application: Any) -> None:
+        self.application = application
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        if not origin_is_readable(scope.get("headers", [])):
+            from channels.security.websocket import WebsocketDenier
+
+            return await WebsocketDenier()(scope, receive, send)
+        return await self.application(scope, receive, send)
+
+
+def origin_is_readable(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Return False when an Origin header is present that `urlparse` refuses."""
+    for name, value in headers:
+        if name == b"origin":
+            try:
+                urlsplit(value.decode("latin1"))
+            except ValueError:
+                return False
+    return True

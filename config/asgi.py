@@ -20,7 +20,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
-from chat.ws_auth import SessionUserMiddleware  # noqa: E402
+from chat.ws_auth import RefuseUnreadableOrigin, SessionUserMiddleware  # noqa: E402
 from config import cpu_pin, gc_idle  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 router = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(
-            SessionUserMiddleware(URLRouter(websocket_urlpatterns))
+        "websocket": RefuseUnreadableOrigin(
+            AllowedHostsOriginValidator(SessionUserMiddleware(URLRouter(websocket_urlpatterns)))
         ),
     }
 )

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.asgi_ws import WebsocketCommunicator
 from tests.chat.helpers import recv, send, send_frame
 from tests.safety.helpers import asgi_http, cookie_for
 
@@ -91,3 +92,19 @@ async def test_resuming_a_running_reply_again_does_not_double_its_feed(ws, make_
     assert seqs.count(max(seqs)) == 1, seqs
     assert all(seqs.count(s) <= resumes for s in set(seqs)), seqs
     assert await reader.receive_nothing(timeout=0.1)
+
+
+@pytest.mark.parametrize("origin", [b"http://[::1", b"http://[evil", b"https://testserver]"])
+async def test_an_unparseable_origin_is_refused_not_a_crash(make_user, origin):
+    # Channels' origin check parses the header with urlparse, which raises
+    # ValueError for an IPv6 bracket left open (or closed unopened): the
+    # handshake crashed the application (an exception logged per attempt)
+    # instead of being refused.
+    from config.asgi import application
+
+    cookie = (await cookie_for(make_user)).encode()
+    comm = WebsocketCommunicator(
+        application, "/ws/chat/", [(b"origin", origin), (b"cookie", cookie)]
+    )
+    connected, code = await comm.connect()
+    assert connected is False and code == 1000
