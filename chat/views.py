@@ -6,6 +6,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.request import RawPostDataException
 from django.shortcuts import redirect, render
 from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET, require_http_methods
@@ -119,12 +120,17 @@ def check_json_object(request: HttpRequest) -> dict[str, Any]:
     ValueError.
     """
     try:
-        check_frame_size(request.body, max_bytes=settings.CHAT_MAX_FRAME_BYTES)
+        raw = request.body
+    except RawPostDataException:
+        # A form POST: the CSRF check has already read it as form data.
+        raise InvalidInput("The request body must be JSON, not a form.") from None
+    try:
+        check_frame_size(raw, max_bytes=settings.CHAT_MAX_FRAME_BYTES)
     except TextRefused as exc:
         raise InvalidInput(exc.user_message) from None
     try:
         # Invalid UTF-8 raises UnicodeDecodeError, a ValueError.
-        body = json.loads(request.body)
+        body = json.loads(raw)
     except (ValueError, RecursionError):
         raise InvalidInput("The request body is not valid JSON.") from None
     if not isinstance(body, dict):

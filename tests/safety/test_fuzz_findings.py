@@ -108,3 +108,21 @@ async def test_an_unparseable_origin_is_refused_not_a_crash(make_user, origin):
     )
     connected, code = await comm.connect()
     assert connected is False and code == 1000
+
+
+async def test_a_form_posted_to_the_feedback_api_is_a_400(make_user):
+    # The CSRF check reads a POST's form data (request.POST) first; the view
+    # then read request.body, which Django refuses once the stream was read
+    # (RawPostDataException): a multipart post to /api/feedback/ was a 500.
+    cookie = (await cookie_for(make_user)).encode()
+    form = b'--zz\r\nContent-Disposition: form-data; name="rating"\r\n\r\n1\r\n--zz--\r\n'
+    headers = [
+        (b"host", b"testserver"),
+        (b"cookie", cookie + b"; csrftoken=" + b"Fz" * 16),
+        (b"x-csrftoken", b"Fz" * 16),
+        (b"content-type", b"multipart/form-data; boundary=zz"),
+        (b"content-length", str(len(form)).encode()),
+    ]
+    status, _headers, body = await asgi_http("POST", "/api/feedback/", b"", headers, form)
+    assert status == 400, body[:300]
+    assert json.loads(body)["error"]["code"] == "invalid_input"
