@@ -80,3 +80,24 @@ async def asgi_http(
     start = next(m for m in sent if m["type"] == "http.response.start")
     content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return start["status"], dict(start.get("headers", [])), content
+
+
+async def replies_settled(timeout: float = 10) -> None:
+    """Wait for the replies still running in this process, and their Redis flush, to end.
+
+    A test's event loop closes when it ends: a reply still running then
+    stays "running" in the replay hub for good, and the next test's Redis
+    flusher polls for it forever.
+    """
+    from chat.replay import hub
+
+    tasks = [b.task for b in hub._buffers.values() if b.task is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+    flusher = hub._flusher
+    if (
+        flusher is not None
+        and not flusher.done()
+        and flusher.get_loop() is asyncio.get_running_loop()
+    ):
+        await asyncio.wait([flusher], timeout=timeout)

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from tests.asgi_ws import WebsocketCommunicator
 from tests.chat.helpers import recv, send, send_frame
-from tests.safety.helpers import asgi_http, cookie_for
+from tests.safety.helpers import asgi_http, cookie_for, replies_settled
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+async def _replies_settled() -> AsyncIterator[None]:
+    yield
+    await replies_settled()
 
 
 async def recv_sendable(comm: Any) -> dict[str, Any]:

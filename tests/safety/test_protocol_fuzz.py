@@ -27,7 +27,7 @@ import math
 import os
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -41,9 +41,16 @@ from monitoring.logs import PlainFormatter, RedactFilter
 from tests.asgi_ws import WebsocketCommunicator
 from tests.chat.helpers import recv_until_done, send, send_frame
 from tests.conftest import session_cookie_for
-from tests.safety.helpers import asgi_http, cookie_for
+from tests.safety.helpers import asgi_http, cookie_for, replies_settled
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+async def _replies_settled() -> AsyncIterator[None]:
+    yield
+    await replies_settled()
+
 
 SEED = int(os.environ.get("CHAT_FUZZ_SEED", "20261207"))
 WS_CASES = int(os.environ.get("CHAT_FUZZ_CASES", "300"))
@@ -270,20 +277,36 @@ class Socket:
         return frame
 
 
+def is_send(text: str | None) -> bool:
+    try:
+        frame = json.loads(text) if text is not None else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(frame, dict) and frame.get("type") == "chat.send"
+
+
 async def ws_case(sock: Socket, probe_no: int, text: str | None, data: bytes | None) -> list[dict]:
-    """Send one frame and a probe behind it; return what the frame got, every reply ended."""
+    """Send one frame and a probe behind it; return what the frame got, every reply ended.
+
+    A refusal comes before the probe's answer; a send's chat.accepted may
+    come after it (the reply's task sends it), so a send with neither is
+    waited for: every send is answered.
+    """
     await sock.comm.send_to(text_data=text, bytes_data=data)
     probe = f"probe-{probe_no}"
     await send(sock.comm, {"type": "fuzz.probe", "client_msg_id": probe})
     got: list[dict[str, Any]] = []
     open_replies: set[int] = set()
     probed = False
-    while not probed or open_replies:
+    unanswered = is_send(text)
+    while not probed or open_replies or unanswered:
         frame = await sock.recv()
         if frame["type"] == "chat.error" and frame.get("client_msg_id") == probe:
             probed = True
             continue
         got.append(frame)
+        if frame["type"] in ("chat.accepted", "chat.error"):
+            unanswered = False
         if frame["type"] == "chat.accepted" and not frame.get("duplicate"):
             open_replies.add(frame["message"])
         elif frame["type"] == "chat.done":
@@ -451,14 +474,25 @@ async def test_websocket_interleavings_fuzzed(ws, make_user, roomy, settings, lo
 
     probes = iter(range(10**9))
 
-    async def settle(n: int) -> None:
-        """Read socket n's frames up to a probe sent behind everything it was sent."""
+    async def settle(n: int, send_id: str | None) -> None:
+        """Read socket n's frames up to a probe sent behind everything it was sent.
+
+        A send's chat.accepted may come after the probe's answer (the reply's
+        task sends it): a send is waited for until it is answered.
+        """
         probe = f"probe-{next(probes)}"
         await send(mine[n].comm, {"type": "fuzz.probe", "client_msg_id": probe})
-        while True:
+        probed = False
+        while not probed or send_id is not None:
             frame = await mine[n].recv()
             if frame["type"] == "chat.error" and frame.get("client_msg_id") == probe:
-                return
+                probed = True
+                continue
+            if frame.get("client_msg_id") == send_id and frame["type"] in (
+                "chat.accepted",
+                "chat.error",
+            ):
+                send_id = None
             note(n, frame)
 
     async def pump(n: int, budget: int) -> None:
@@ -507,9 +541,9 @@ async def test_websocket_interleavings_fuzzed(ws, make_user, roomy, settings, lo
             frame = twin
         mine[n].label = f"seed {SEED} interleaving {step}: {frame!r}"
         await send(mine[n].comm, frame)
-        await settle(n)
+        await settle(n, frame.get("client_msg_id"))
         if action == "twin":
-            await settle(1 - n)
+            await settle(1 - n, frame["client_msg_id"])
         await pump(n, rng.randrange(6))
         await pump(1 - n, rng.randrange(6))
     # Every reply a socket started ends on it.
