@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import logout
 from django.contrib.auth.base_user import AbstractBaseUser
@@ -18,37 +16,18 @@ from django.views.decorators.http import require_GET, require_POST
 from chat import account
 from chat.errors import ChatError, NotFound
 from chat.views import error_response, owner_of
+from config.streaming import streamed
 
 
 def _download(request: HttpRequest, export: account.Export) -> StreamingHttpResponse:
     response = StreamingHttpResponse(
-        _async_chunks(export.chunks) if _is_async(request) else export.chunks,
+        streamed(request, export.chunks),
         content_type=export.content_type,
     )
     response["Content-Disposition"] = f'attachment; filename="{export.file_name}"'
     # Personal data: no shared cache keeps a copy.
     response["Cache-Control"] = "private, no-store"
     return response
-
-
-def _is_async(request: HttpRequest) -> bool:
-    # Under ASGI a sync iterator would be read whole before the first byte is sent.
-    from django.core.handlers.asgi import ASGIRequest
-
-    return isinstance(request, ASGIRequest)
-
-
-async def _async_chunks(chunks: Iterator[str]) -> AsyncIterator[str]:
-    done = object()
-
-    def step() -> Any:
-        return next(chunks, done)
-
-    while True:
-        chunk = await sync_to_async(step, thread_sensitive=True)()
-        if chunk is done:
-            return
-        yield chunk
 
 
 @require_GET

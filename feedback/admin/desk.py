@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -21,6 +20,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from config.streaming import streamed
 from feedback import exports, selectors, services
 from feedback.admin import filters
 from feedback.models import ExportJob, Feedback
@@ -286,31 +286,11 @@ class FeedbackAdmin(admin.ModelAdmin):
             return HttpResponseRedirect(reverse("admin:feedback_exportjob_change", args=[job.pk]))
         chunks = exports.export_stream(params=params, format=format)
         response = StreamingHttpResponse(
-            _async_chunks(chunks) if _is_async(request) else chunks,
+            streamed(request, chunks),
             content_type=exports.content_type(format),
         )
         response["Content-Disposition"] = f'attachment; filename="{exports.file_name(format)}"'
         return response
-
-
-def _is_async(request: HttpRequest) -> bool:
-    # Under ASGI a sync iterator would be read whole before the first byte is sent.
-    from django.core.handlers.asgi import ASGIRequest
-
-    return isinstance(request, ASGIRequest)
-
-
-async def _async_chunks(chunks: Any) -> Any:
-    done = object()
-
-    def step() -> Any:
-        return next(chunks, done)
-
-    while True:
-        chunk = await sync_to_async(step, thread_sensitive=True)()
-        if chunk is done:
-            return
-        yield chunk
 
 
 def _ms(value: int | None) -> str:
