@@ -60,6 +60,34 @@ def test_a_first_message_imports_nothing_the_start_up_could(tmp_path, model):
     assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
+def run_embedded(tmp_path, args: list[str], **env_vars: str) -> subprocess.CompletedProcess[str]:
+    """Run `python ARGS` in a child process with the embedded settings and these variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "DJANGO_", "PYTEST"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="config.settings.embedded", CHAT_DATA_DIR=str(tmp_path), **env_vars
+    )
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def settings_of(tmp_path, names: str, **env_vars: str) -> list[object]:
+    """Return the values of these settings (comma-separated names) as a child process reads them."""
+    code = (
+        "import django, json; django.setup(); from django.conf import settings; "
+        f"print(json.dumps([getattr(settings, n) for n in {names.split(',')!r}]))"
+    )
+    done = run_embedded(tmp_path, ["-c", code], **env_vars)
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout.splitlines()[-1]))
+
+
 @pytest.mark.parametrize(
     ("redis_url", "named", "reported"),
     [
@@ -71,48 +99,15 @@ def test_a_first_message_imports_nothing_the_start_up_could(tmp_path, model):
 def test_sentry_and_the_health_page_name_the_run_mode_unless_told(
     tmp_path, redis_url, named, reported
 ):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "DJANGO_", "PYTEST"))}
-    env.update(
-        DJANGO_SETTINGS_MODULE="config.settings.embedded",
-        CHAT_DATA_DIR=str(tmp_path),
-        REDIS_URL=redis_url,
-        SENTRY_ENVIRONMENT=named,
+    values = settings_of(
+        tmp_path, "MONITORING_ENVIRONMENT", REDIS_URL=redis_url, SENTRY_ENVIRONMENT=named
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import django; django.setup(); from django.conf import settings; "
-            "print(settings.MONITORING_ENVIRONMENT)",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == reported
+    assert values == [reported]
 
 
 def test_a_retention_mode_nobody_knows_stops_the_start(tmp_path):
     """A typo must not quietly delete the conversations `anonymise` was meant to keep."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "DJANGO_", "PYTEST"))}
-    env.update(
-        DJANGO_SETTINGS_MODULE="config.settings.embedded",
-        CHAT_DATA_DIR=str(tmp_path),
-        MONITORING_RETENTION_MODE="anonymize",
-    )
-    done = subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_embedded(tmp_path, ["manage.py", "check"], MONITORING_RETENTION_MODE="anonymize")
     assert done.returncode != 0
     assert "MONITORING_RETENTION_MODE must be 'delete' or 'anonymise', not 'anonymize'" in (
         done.stderr
@@ -121,28 +116,13 @@ def test_a_retention_mode_nobody_knows_stops_the_start(tmp_path):
 
 def test_list_settings_read_items_as_written_with_spaces_after_commas(tmp_path):
     """`CHAT_FALLBACK_MODELS=a, b` names model "b", not " b" (which no provider knows)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_", "DJANGO_", "PYTEST"))}
-    env.update(
-        DJANGO_SETTINGS_MODULE="config.settings.embedded",
-        CHAT_DATA_DIR=str(tmp_path),
+    values = settings_of(
+        tmp_path,
+        "CHAT_FALLBACK_MODELS,CHAT_IMAGE_HOSTS",
         CHAT_FALLBACK_MODELS="openai:gpt-4o-mini, anthropic:claude-haiku-4-5 ,",
         CHAT_IMAGE_HOSTS=" images.example.com,  cdn.example.com",
     )
-    code = (
-        "import django, json; django.setup(); from django.conf import settings; "
-        "print(json.dumps([settings.CHAT_FALLBACK_MODELS, settings.CHAT_IMAGE_HOSTS]))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == [
+    assert values == [
         ["openai:gpt-4o-mini", "anthropic:claude-haiku-4-5"],
         ["images.example.com", "cdn.example.com"],
     ]
