@@ -117,6 +117,21 @@ class RedactFilter(logging.Filter):
         return True
 
 
+class AsWarning(logging.Filter):
+    """Log a logger's errors as warnings: for what any visitor can cause at will.
+
+    Django logs a request with a Host header not in ALLOWED_HOSTS at ERROR
+    (`django.security.DisallowedHost`), so a scanner could fill the error log
+    and Sentry (which takes ERROR records) on demand. The request is already
+    refused with a 400; a warning keeps it visible without an alert.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class PlainFormatter(logging.Formatter):
     """A line of text per record; the whole of it redacted, traceback and stack included."""
 

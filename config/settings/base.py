@@ -245,9 +245,11 @@ LOGGING = {
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "filters": {"as_warning": {"()": "monitoring.logs.AsWarning"}},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "uvicorn.access": {"level": "WARNING"},
+        "django.security.DisallowedHost": {"filters": ["as_warning"]},
     },
 }
 
@@ -426,7 +428,7 @@ MIDDLEWARE = ["monitoring.logs.request_id_middleware", *MIDDLEWARE]
 # this configuration as well (config/celery.py).
 LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
 LOGGING["formatters"]["json"] = {"()": "monitoring.logs.JsonFormatter"}  # type: ignore[index]
-LOGGING["filters"] = {"redact": {"()": "monitoring.logs.RedactFilter"}}
+LOGGING["filters"]["redact"] = {"()": "monitoring.logs.RedactFilter"}  # type: ignore[index]
 LOGGING["handlers"]["console"]["formatter"] = "json" if LOG_FORMAT == "json" else "plain"  # type: ignore[index]
 LOGGING["handlers"]["console"]["filters"] = ["redact"]  # type: ignore[index]
 SENTRY_DSN = env.str("SENTRY_DSN", default="")

@@ -166,3 +166,14 @@ def test_the_celery_worker_logs_through_the_redacting_configuration(tmp_path):
     assert "feedback.export_run" in log and "ValueError" in log, log
     assert "bob@example.com" not in log, log
     assert "[EMAIL]" in log
+
+
+@pytest.mark.django_db
+def test_a_host_nobody_allowed_is_a_warning_not_an_error(caplog):
+    """Any visitor can send a bad Host header at will: it must not page anyone or fill Sentry."""
+    with caplog.at_level(logging.INFO, logger="django.security.DisallowedHost"):
+        response = Client().get("/", HTTP_HOST="evil.example")
+    assert response.status_code == 400
+    refused = [r for r in caplog.records if r.name == "django.security.DisallowedHost"]
+    assert refused and {r.levelname for r in refused} == {"WARNING"}
+    assert "evil.example" in refused[0].getMessage()
