@@ -102,6 +102,21 @@ def _fresh_cache() -> None:
     snapshots.forget_local_state()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer() -> Iterator[None]:
+    """Each test gets a channel layer of its own, as each test gets an event loop of its own.
+
+    channels-redis binds a layer's receive lock to the loop that first
+    receives on it; a consumer a test leaves receiving when its loop ends
+    would leave the next test's sockets a lock of a dead loop. A server has
+    one loop for its life, so this is the tests' concern only.
+    """
+    yield
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+
+
 @pytest.fixture
 def make_user(db: None) -> Callable[..., object]:
     def make(username: str = "alice", *, staff: bool = False) -> object:
